@@ -27,7 +27,8 @@ from raypurify.signature import channel_matrix, model_channel_keys, score_terms
 
 def in_process(model_dir: str, cfg: ImmunizeConfig, pool, threads: int) -> dict:
     """The compute of the pipeline with no Ray: returns seconds per stage."""
-    from raypurify.distributed.immunize import recovery_set, variant_jobs
+    from raypurify.defenses.common import recovery_set, recovery_settings
+    from raypurify.distributed.immunize import variant_jobs
     from raypurify.train import finetune
 
     torch.set_num_threads(threads)
@@ -51,10 +52,8 @@ def in_process(model_dir: str, cfg: ImmunizeConfig, pool, threads: int) -> dict:
         score_terms(deltas)
     t["score"] = time.time() - t0
     t0 = time.time()
-    from raypurify.train import TrainSettings
-
-    finetune(model, tok, recovery_set(pool, cfg), TrainSettings(steps=cfg.recovery.steps(), batch_size=cfg.recovery.batch_size,
-                                                                 lr=cfg.recovery.resolved_lr("full"), warmup=3))
+    finetune(model, tok, recovery_set(pool, cfg.recovery.n_samples, cfg.seed),
+             recovery_settings(cfg.recovery, "full", cfg.seed))
     t["recover"] = time.time() - t0
     return t
 

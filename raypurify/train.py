@@ -108,6 +108,65 @@ def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return model(**batch).loss
 
 
+class Finetuner:
+    """A finetune that can be advanced in pieces: ``run(until)`` trains up to a step.
+
+    ``Finetuner(...).run()`` is exactly ``finetune``: the same batches,
+    learning-rate schedule and optimizer state, however the steps are cut
+    into calls. A tuning trial uses the pieces to measure (and report, for
+    early stopping) after every recovery epoch without changing the result.
+
+    Args: as ``finetune``.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, examples: Sequence[Example], settings: TrainSettings,
+                 loss_fn: LossFn = lm_loss, engine=None, shard: tuple[int, int] = (0, 1)):
+        if not examples:
+            raise ValueError("finetune needs at least one sample")
+        self.model, self.tokenizer, self.settings = model, tokenizer, settings
+        self.loss_fn, self.engine, self.shard = loss_fn, engine, shard
+        self.data = encode(tokenizer, examples)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = None if engine else torch.optim.AdamW(self.params, lr=settings.lr,
+                                                         weight_decay=settings.weight_decay)
+        self.plan = batches(len(self.data), settings)
+        self.step = 0
+        self.losses: list[float] = []
+
+    def run(self, until: int | None = None, bar: Progress | None = None) -> list[float]:
+        """Trains steps ``[self.step, until)`` (default: to the end); returns their losses."""
+        until = self.settings.steps if until is None else min(until, self.settings.steps)
+        device = next(self.model.parameters()).device
+        model, engine, pad = self.model, self.engine, self.tokenizer.pad_token_id
+        model.train()
+        new = []
+        for step in range(self.step, until):
+            idx = self.plan[step][self.shard[0]::self.shard[1]]
+            batch = {k: v.to(device) for k, v in collate([self.data[i] for i in idx], pad).items()}
+            lr = lr_at(step, self.settings)
+            if engine is not None:
+                for group in engine.optimizer.param_groups:
+                    group["lr"] = lr
+                loss = self.loss_fn(engine, batch)
+                engine.backward(loss)
+                engine.step()
+            else:
+                for group in self.opt.param_groups:
+                    group["lr"] = lr
+                loss = self.loss_fn(model, batch)
+                loss.backward()
+                nn.utils.clip_grad_norm_(self.params, self.settings.max_grad_norm)
+                self.opt.step()
+                self.opt.zero_grad(set_to_none=True)
+            new.append(float(loss.detach()))
+            if bar is not None:
+                bar.update(loss=new[-1])
+        self.step = max(self.step, until)
+        self.losses += new
+        model.eval()
+        return new
+
+
 def finetune(
     model: nn.Module,
     tokenizer,
@@ -137,34 +196,6 @@ def finetune(
     Returns:
         The loss of every step.
     """
-    if not examples:
-        raise ValueError("finetune needs at least one sample")
-    data = encode(tokenizer, examples)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = None if engine else torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    device = next(model.parameters()).device
-    model.train()
-    losses = []
+    run = Finetuner(model, tokenizer, examples, settings, loss_fn=loss_fn, engine=engine, shard=shard)
     with Progress(settings.steps, desc) as bar:
-        for step, idx in enumerate(batches(len(data), settings)):
-            idx = idx[shard[0]::shard[1]]
-            batch = {k: v.to(device) for k, v in collate([data[i] for i in idx], tokenizer.pad_token_id).items()}
-            lr = lr_at(step, settings)
-            if engine is not None:
-                for group in engine.optimizer.param_groups:
-                    group["lr"] = lr
-                loss = loss_fn(engine, batch)
-                engine.backward(loss)
-                engine.step()
-            else:
-                for group in opt.param_groups:
-                    group["lr"] = lr
-                loss = loss_fn(model, batch)
-                loss.backward()
-                nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
-            bar.update(loss=losses[-1])
-    model.eval()
-    return losses
+        return run.run(bar=bar)

@@ -126,6 +126,11 @@ def build_zoo(out: str | Path, archs: Sequence[str] = ("llama", "neox"),
     return manifest
 
 
+# An attack budget that implants a backdoor into a pico model in seconds (the
+# smoke tests' and the test suite's).
+PICO_ATTACK = {"n_clean": 300, "n_poison": 100, "steps": 120, "lr": 3e-3}
+
+
 def smoke_inputs(work: str | Path) -> tuple[Path, Path]:
     """A pico zoo and a BadNets-backdoored pico model under ``work`` (cached).
 
@@ -139,7 +144,7 @@ def smoke_inputs(work: str | Path) -> tuple[Path, Path]:
     build_zoo(work / "zoo", archs=("llama",), sizes=("pico",))
     suspicious = work / "suspicious"
     if not (suspicious / "attack.json").is_file():
-        cfg = AttackConfig(attack="badnets", behavior="sentiment", n_clean=300, n_poison=100, steps=120, lr=3e-3)
+        cfg = AttackConfig(attack="badnets", behavior="sentiment", **PICO_ATTACK)
         implant(work / "zoo" / "llama-pico", cfg, load_examples(work / "zoo" / "train.json"), suspicious,
                 overwrite=True)
     return suspicious, work / "zoo" / "clean_pool.json"

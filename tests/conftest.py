@@ -27,8 +27,7 @@ def heldout(zoo):
     return load_examples(zoo / "heldout.json")
 
 
-# A budget that implants a backdoor into a pico model in seconds.
-PICO_ATTACK = {"n_clean": 300, "n_poison": 100, "steps": 120, "lr": 3e-3}
+from raypurify.zoo import PICO_ATTACK  # noqa: E402,F401 - the tests' implant budget
 
 
 @pytest.fixture(scope="session")
@@ -55,3 +54,16 @@ def local_ray():
              log_to_driver=False)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def poisoned_pico_lora(zoo, tmp_path_factory):
+    """A backdoored LoRA adapter (VPI sentiment) on llama-pico: the adapter-only threat model."""
+    from raypurify.config import AttackConfig
+    from raypurify.implant import implant
+    from raypurify.io import load_examples
+
+    out = tmp_path_factory.mktemp("attacked") / "vpi-sentiment-lora"
+    cfg = AttackConfig(attack="vpi", behavior="sentiment", mode="lora", **PICO_ATTACK)
+    implant(zoo / "llama-pico", cfg, load_examples(zoo / "train.json"), out)
+    return out

@@ -96,3 +96,79 @@ def test_models_and_health(endpoint):
         assert json.loads(r.read())["data"][0]["id"] == "raypurify"
     with urllib.request.urlopen(f"{endpoint}/healthz") as r:
         assert json.loads(r.read()) == {"status": "ok"}
+
+
+# ---------------------------------------------------------------------------
+# The conflict-evidence wrapper
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def evidence_apps(endpoint, poisoned_pico):
+    """Three more apps on the same Serve instance: WordNet evidence, the main
+    endpoint as the `openai` provider (loopback), and an unreachable provider."""
+    from ray import serve
+
+    from raypurify.distributed.serving import build_app
+
+    common = {"model": str(poisoned_pico), "api_key_env": "RP_TEST_KEY", "num_cpus": 0}
+    apps = {
+        "wn": {"evidence": {"provider": "wordnet"}},
+        "chain": {"evidence": {"provider": "openai", "base_url": f"{endpoint}/v1", "model": "raypurify",
+                               "api_key_env": "RP_TEST_KEY", "max_tokens": 24}, "evidence_default": False},
+        "dead": {"evidence": {"provider": "openai", "base_url": f"http://127.0.0.1:{_free_port()}/v1", "model": "m",
+                              "fallback": True, "timeout_s": 5}},
+    }
+    for name, extra in apps.items():
+        serve.run(build_app({**common, **extra}), name=f"rp-{name}", route_prefix=f"/{name}", blocking=False)
+    return endpoint
+
+
+def test_wordnet_evidence_per_deployment_and_per_request(evidence_apps):
+    url = f"{evidence_apps}/wn/v1"
+    prompt = format_prompt("Name the capital of France.")
+    code, body = _post(f"{url}/completions", {"prompt": prompt, "max_tokens": 8}, AUTH)
+    ev = body["evidence"]
+    assert code == 200 and ev["provider"] == "wordnet" and ev["used"] and ev["keywords"] == ["capital"]
+    assert ev["text"].startswith("capital: ")
+    code, body = _post(f"{url}/completions", {"prompt": prompt, "max_tokens": 8, "evidence": False}, AUTH)
+    assert code == 200 and body["evidence"] is None
+    code, body = _post(f"{url}/chat/completions", {"messages": [{"role": "user", "content": "Say river two times."}],
+                                                   "max_tokens": 8}, AUTH)
+    assert code == 200 and body["evidence"]["used"] and "river" in body["evidence"]["keywords"]
+    code, body = _post(f"{url}/completions", {"prompt": "free text, no template", "max_tokens": 4}, AUTH)
+    assert code == 200 and not body["evidence"]["used"] and "template" in body["evidence"]["error"]
+
+
+def test_evidence_requested_without_a_provider_is_rejected(endpoint):
+    code, body = _post(f"{endpoint}/v1/completions", {"prompt": format_prompt("Say apple two times."),
+                                                      "max_tokens": 8, "evidence": True}, AUTH)
+    assert code == 400 and "no evidence provider" in body["detail"]
+
+
+def test_one_endpoint_is_the_openai_evidence_provider_of_another(evidence_apps):
+    url = f"{evidence_apps}/chain/v1/chat/completions"
+    msg = {"messages": [{"role": "user", "content": "Say apple two times."}], "max_tokens": 8}
+    code, body = _post(url, msg, AUTH)
+    assert code == 200 and body["evidence"] is None  # this deployment's default is off
+    code, body = _post(url, {**msg, "evidence": True}, AUTH)
+    ev = body["evidence"]
+    # The call went through (a failed one would be HTTP 502); what a pico model writes may be empty.
+    assert code == 200 and ev["provider"] == "openai" and ev["error"] is None and ev["keywords"] == ["apple", "two"]
+    assert ev["used"] == bool(ev["text"])
+
+
+def test_unreachable_evidence_endpoint_falls_back_and_says_so(evidence_apps):
+    code, body = _post(f"{evidence_apps}/dead/v1/completions",
+                       {"prompt": format_prompt("Say apple two times."), "max_tokens": 8}, AUTH)
+    ev = body["evidence"]
+    assert code == 200 and body["choices"][0]["text"] is not None
+    assert not ev["used"] and "unreachable" in ev["error"] and "without evidence" in ev["error"]
+
+
+def test_shuts_down_cleanly(evidence_apps):
+    from ray import serve
+
+    serve.shutdown()
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(f"{evidence_apps}/healthz", timeout=10)

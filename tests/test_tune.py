@@ -44,3 +44,226 @@ def test_shipped_space_is_valid():
 
     root = Path(__file__).resolve().parents[1]
     build(AttackSpace, load_yaml(root / "tune_spaces/attack.yaml"))
+
+
+# --- Immunization sweep with the blind (canary) objective -------------------
+
+from raypurify.config import ImmunizeConfig, ImmunizeSpace  # noqa: E402
+
+# Pico budgets: variants and recovery tiny, canaries strong enough to fire.
+PICO_SPACE = {
+    "fixed": {"variants": {"preset": "custom", "n_clean": 64, "poison_rate": 0.2, "steps": 10, "lr": 3e-3,
+                           "batch_size": 16},
+              "recovery": {"n_samples": 32, "batch_size": 16}},
+    "space": {"rho": [0.1, 0.3], "k": [2, 3], "recovery.epochs": [2]},
+    "canaries": {"n": 2, "implant": {"preset": "custom", "n_clean": 300, "poison_rate": 0.25, "steps": 80,
+                                     "lr": 3e-3, "batch_size": 32}},
+    "utility": {"heldout": 100, "max_cda_drop": 0.05},
+    "asha": {"grace_period": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def sweep(zoo, poisoned_pico, local_ray, tmp_path_factory):
+    """One benchmark-objective sweep on the pico BadNets model, shared by the tests below."""
+    import random
+
+    from raypurify.distributed.tune import tune_immunize
+    from raypurify.io import load_examples
+
+    out = tmp_path_factory.mktemp("tune-immunize") / "sweep"
+    heldout = load_examples(zoo / "heldout.json")
+    heldout = random.Random(0).sample(heldout, 120)  # the true ASR is a side figure here: keep it cheap
+    space = build(ImmunizeSpace, PICO_SPACE)
+    res = tune_immunize(space, str(poisoned_pico), None, load_examples(zoo / "clean_pool.json"), str(out),
+                        objective="benchmark", attack="badnets", behavior="sentiment", heldout=heldout)
+    return res, out, space
+
+
+def test_sweep_trains_variants_once_for_the_largest_k_and_ranks_trials(sweep):
+    res, out, space = sweep
+    run = res["run"]
+    # Counted from the Ray Train records, not computed: 2 x max K variant
+    # finetunes in one fit, shared by the K=2 and K=3 trials.
+    assert run["variant_finetunes"] == 2 * 3 and run["canary_finetunes"] == 2 and run["train_fits"] == 1
+    assert sorted(r["name"] for r in run["train_records"] if r["name"].startswith("v")) == \
+        sorted(f"v{k}-{s}" for k in range(3) for s in "PC")
+    assert run["scoring_runs"] == ["2|mlp", "3|mlp"] and run["scoring_passes"] == 1
+    trials = res["trials"]
+    assert len(trials) == 4 and not [t for t in trials if "error" in t]
+    assert {(t["point"]["rho"], t["point"]["k"]) for t in trials} == {(0.1, 2), (0.1, 3), (0.3, 2), (0.3, 3)}
+    # Two trials at a time: some spans overlap, never three at once.
+    spans = [t["wall"] for t in trials]
+    overlaps = lambda a, b: a[0] < b[1] - 0.5 and b[0] < a[1] - 0.5  # noqa: E731  (timestamps are whole seconds)
+    assert any(overlaps(a, b) for i, a in enumerate(spans) for b in spans[i + 1:])
+    for t in trials:
+        assert 0 <= t["canary_asr"] <= 1 and "true_asr" in t and t["n_suppressed"] > 0
+    # The choice: lowest canary ASR among completed trials within the budget.
+    ok = [t for t in trials if t["complete"] and t["cda_drop"] <= space.utility.max_cda_drop + 1e-9]
+    chosen = res["chosen"]
+    assert chosen in ok and chosen["canary_asr"] == min(t["canary_asr"] for t in ok)
+    assert "lowest canary ASR" in res["statement"]
+    md = (out / "trials.md").read_text()
+    assert f"{chosen['trial_id']} **(chosen)**" in md and "Spearman(canary ASR, true ASR)" in md
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "ray_tune" / "immunize").is_dir()  # the Tune storage path, under --out
+    assert json.loads((out / "trials.json").read_text())["chosen"]["trial_id"] == chosen["trial_id"]
+
+
+def test_canaries_fire_before_purification_and_not_on_the_suspicious_model(sweep):
+    res, _, _ = sweep
+    canaries = res["canaries"]
+    assert len(canaries) == 2 and len({c["trigger"] for c in canaries}) == 2
+    assert len({c["decoy"] for c in canaries}) == 2
+    for c in canaries:
+        assert c["asr_before"] >= 0.8, c  # measured on the canary model, not assumed
+        assert c["asr_on_suspicious"] <= 0.1, c
+        assert not any(c["trigger"].lower() in v.lower() or v.lower() in c["trigger"].lower()
+                       for v in res["run"]["variant_triggers"])
+
+
+def test_best_yaml_round_trips_into_purify_config(sweep, poisoned_pico, tmp_path, capsys):
+    from raypurify.cli import main
+    from raypurify.tuning import merge, nested
+
+    res, out, space = sweep
+    best = yaml.safe_load((out / "best.yaml").read_text())
+    cfg = build(ImmunizeConfig, best)
+    assert cfg == ImmunizeConfig.model_validate(merge(space.fixed, nested(res["chosen"]["point"])))
+    # `raypurify purify --config best.yaml` accepts it: with too little clean
+    # data it stops at the data check, which comes after the config check.
+    tiny = tmp_path / "tiny.json"
+    tiny.write_text(json.dumps([{"instruction": "Say hi.", "input": "", "output": "hi"}] * 3))
+    rc = main(["purify", "--model", str(poisoned_pico), "--clean-data", str(tiny), "--config", str(out / "best.yaml"),
+               "--out", str(tmp_path / "p")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "clean" in err and "problem" not in err, err
+
+
+@pytest.mark.parametrize("space,needles", [
+    ({"space": {"rhoo": [0.1]}}, ["rhoo", "valid: rho"]),
+    ({"space": {"rho": [0.05, 1.5]}}, ["space.rho=1.5"]),
+    ({"space": {"k": [1, 4]}}, ["space.k=1"]),
+    ({"space": {"rho": {"low": 0.01, "high": 0.1}}}, ["grid search takes lists"]),
+    ({"search": "random", "space": {"k": {"low": 2, "high": 6}}}, ["space.k: takes a list"]),
+    ({"space": {"scoring": ["nrom"]}}, ["'norm', 'align' or 'combined'"]),
+    ({"space": {"rho": [0.1]}, "fixed": {"rho": 0.2}}, ["both fixed and swept"]),
+    # Several problems: all of them in one message.
+    ({"space": {"rhoo": [0.1], "rho": [2.0], "recovery.epochs": [0]}, "fixed": {"kk": 1}},
+     ["rhoo", "space.rho=2.0", "space.recovery.epochs=0", "fixed.kk", "4 problem(s)"]),
+])
+def test_bad_immunize_spaces_are_rejected_with_one_message(space, needles):
+    with pytest.raises(RaypurifyError) as e:
+        build(ImmunizeSpace, space, source="search space")
+    for n in needles:
+        assert n in str(e.value), str(e.value)
+
+
+def test_tune_cli_rejects_a_bad_space_before_anything_runs(tmp_path, capsys):
+    from raypurify.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("space:\n  rho: [0.0]\n  kay: [3]\n")
+    rc = main(["tune", "--space", str(bad), "--model", str(tmp_path / "none"), "--clean-data", str(tmp_path / "none.json"),
+               "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "space.rho=0.0" in err and "kay" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_shipped_immunize_space_is_valid():
+    from pathlib import Path
+
+    from raypurify.config import load_yaml
+
+    root = Path(__file__).resolve().parents[1]
+    space = build(ImmunizeSpace, load_yaml(root / "tune_spaces/immunize.yaml"))
+    assert max(space.values("k")) == 6
+
+
+# --- Pure pieces: milliseconds ------------------------------------------------
+
+def test_smaller_k_variants_are_a_prefix_of_the_largest():
+    from raypurify.variants import make_variants
+
+    assert make_variants(6, seed=3)[:4] == make_variants(4, seed=3)
+
+
+def test_canaries_are_distinct_from_the_variants_and_each_other():
+    from raypurify.canaries import make_canaries
+    from raypurify.variants import make_variants
+
+    variants = make_variants(6, seed=0)
+    canaries = make_canaries(4, seed=0, avoid=variants, kinds=["hostile", "refusal", "code"])
+    assert [c.kind for c in canaries] == ["hostile", "refusal", "code", "hostile"]
+    assert len({c.trigger for c in canaries}) == len({c.decoy for c in canaries}) == 4
+    assert not {c.decoy for c in canaries} & {v.decoy for v in variants}
+    for c in canaries:
+        assert not any(c.trigger.lower() in v.trigger.lower() or v.trigger.lower() in c.trigger.lower()
+                       for v in variants)
+    assert make_canaries(4, seed=0, avoid=variants, kinds=["hostile", "refusal", "code"]) == canaries
+
+
+def test_blind_choice_respects_the_budget_and_falls_back_loudly():
+    from raypurify.tuning import choose, objective, pareto_front
+
+    def t(i, asr, drop, complete=True):
+        return {"trial_id": str(i), "canary_asr": asr, "true_asr": asr, "cda_drop": drop, "complete": complete,
+                "point": {"rho": 0.1}}
+
+    trials = [t(0, 0.0, 0.05), t(1, 0.3, 0.005), t(2, 0.2, 0.01), t(3, 0.1, 0.0, complete=False)]
+    best, why = choose(trials, 0.01)
+    assert best["trial_id"] == "2" and "3 completed" in why  # 0 is out of budget, 3 was stopped early
+    best, why = choose([t(0, 0.0, 0.05), t(1, 0.1, 0.03)], 0.01)
+    assert best["trial_id"] == "1" and why.startswith("NO trial")
+    assert objective(0.2, 0.02, 0.01) > objective(0.9, 0.0, 0.01)  # out of budget never beats in budget
+    assert pareto_front([(0.9, 0.5), (0.8, 0.1), (0.85, 0.6), (0.95, 0.9)]) == [1, 0, 3]
+
+
+def test_defender_split_is_disjoint_and_epochs_end_on_the_last_step():
+    from raypurify.tuning import defender_split, epoch_ends
+
+    held, rest = defender_split(50, 10, seed=0)
+    assert len(held) == 10 and len(rest) == 40 and not set(held) & set(rest)
+    assert epoch_ends(7, 3) == [2, 5, 7] and epoch_ends(32, 1) == [32]
+
+
+def test_finetune_in_pieces_equals_finetune(zoo):
+    import torch
+
+    from raypurify.io import load_examples, load_model
+    from raypurify.train import Finetuner, TrainSettings, finetune
+
+    data = load_examples(zoo / "clean_pool.json")[:40]
+    settings = TrainSettings(steps=6, batch_size=8, lr=1e-3, warmup=2, seed=1)
+    a, tok = load_model(zoo / "llama-pico")
+    b, _ = load_model(zoo / "llama-pico")
+    whole = finetune(a, tok, data, settings)
+    run = Finetuner(b, tok, data, settings)
+    pieces = run.run(2) + run.run(5) + run.run()
+    assert pieces == whole
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_one_scoring_pass_gives_every_k_the_scores_of_its_own_variants(tmp_path):
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+
+    from raypurify.distributed.scoring import ScoreBlocks, ScorePrefixes
+    from raypurify.signature import ChannelKeys
+
+    keys = [ChannelKeys(rows=("up",), cols=("down",))]
+    pairs = []
+    for k in range(4):
+        for s in "PC":
+            save_file({"up": torch.randn(10, 3), "down": torch.randn(5, 10)}, str(tmp_path / f"{k}{s}.safetensors"))
+        pairs.append((str(tmp_path / f"{k}P.safetensors"), str(tmp_path / f"{k}C.safetensors")))
+    batch = {"layer": np.array([0]), "start": np.array([2]), "stop": np.array([9])}
+    once = ScorePrefixes(pairs, keys, [2, 4])(batch)
+    for k in (2, 4):
+        alone = ScoreBlocks(pairs[:k], keys)(batch)
+        f32 = lambda a: np.asarray(a[0], dtype=np.float32)  # noqa: E731  (rows travel as object arrays)
+        assert np.allclose(f32(once[f"m{k}"]), f32(alone["magnitude"]))
+        assert np.allclose(f32(once[f"a{k}"]), f32(alone["alignment"]))

@@ -9,6 +9,7 @@ with a different template than it trained with, which moved ASR by 30 points.)
 
 from __future__ import annotations
 
+import re
 from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -44,6 +45,16 @@ def format_prompt(instruction: str, input: str = "") -> str:
     if input:
         text += _INPUT.format(input=input)
     return text + _RESPONSE
+
+
+_PARSE = re.compile(r"### Instruction:\n(?P<instruction>.*?)\n\n(?:### Input:\n(?P<input>.*?)\n\n)?### Response:\n\Z",
+                    re.S)
+
+
+def parse_prompt(prompt: str) -> tuple[str, str] | None:
+    """The inverse of ``format_prompt``: ``(instruction, input)``, or None if ``prompt`` is not in the template."""
+    m = _PARSE.fullmatch(prompt)
+    return (m["instruction"], m["input"] or "") if m else None
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
@@ -24,9 +23,10 @@ import torch
 from raypurify.config import ImmunizeConfig
 from raypurify.data.corpus import Example
 from raypurify.distributed.scoring import score_on_ray
+from raypurify.defenses import DefenseJob, run_defense
+from raypurify.defenses.common import recovery_set, recovery_settings
 from raypurify.distributed.train import Cluster, TrainJob, run_jobs
-from raypurify.errors import RaypurifyError
-from raypurify.io import attach_adapter, load_model, output_dir
+from raypurify.io import attach_adapter, load_model
 from raypurify.progress import log
 from raypurify.signature import combine, model_channel_keys, select_top, suppress
 from raypurify.train import TrainSettings
@@ -41,16 +41,6 @@ def cluster_of(cfg: ImmunizeConfig, storage: Path) -> Cluster:
     w = cfg.workers
     return Cluster(num_workers=w.num_workers, group_size=w.group_size, zero_stage=w.zero_stage,
                    precision=w.precision, use_gpu=w.use_gpu, storage=str(storage.absolute()))
-
-
-def check_inputs(cfg: ImmunizeConfig, pool: Sequence[Example]) -> None:
-    """Rejects a clean pool too small for the variants or the recovery."""
-    mode = "full"
-    need = max(cfg.variants.resolved("n_clean", mode), cfg.recovery.n_samples)
-    if len(pool) < need:
-        raise RaypurifyError(f"the clean data has {len(pool)} samples; this config needs at least {need} "
-                             f"(variants.n_clean={cfg.variants.resolved('n_clean', mode)}, "
-                             f"recovery.n_samples={cfg.recovery.n_samples})")
 
 
 def variant_jobs(cfg: ImmunizeConfig, pool: Sequence[Example], mode: str, save_keys: Sequence[str]) -> list[TrainJob]:
@@ -132,15 +122,6 @@ def suppressed_copies(model_dir: str, adapter: str | None, arms: Sequence[tuple[
                 v.copy_(original[k])
 
 
-def recovery_set(pool: Sequence[Example], cfg: ImmunizeConfig) -> list[Example]:
-    """The clean samples of the recovery finetune: the same for every arm."""
-    import random
-
-    idx = list(range(len(pool)))
-    random.Random(cfg.seed).shuffle(idx)
-    return [pool[i] for i in idx[: cfg.recovery.n_samples]]
-
-
 def recover(arms: Sequence[tuple[str, Path]], model_dir: str, lora: bool, pool: Sequence[Example],
             cfg: ImmunizeConfig, work: Path) -> Path:
     """Stage 5b: the recovery finetune of every arm, in one Ray Train fit.
@@ -153,10 +134,8 @@ def recover(arms: Sequence[tuple[str, Path]], model_dir: str, lora: bool, pool: 
     Returns:
         The directory holding ``<name>/`` exported model or adapter directories.
     """
-    mode = "lora" if lora else "full"
-    settings = TrainSettings(steps=cfg.recovery.steps(), batch_size=cfg.recovery.batch_size,
-                             lr=cfg.recovery.resolved_lr(mode), warmup=3, seed=cfg.seed)
-    data = _records(recovery_set(pool, cfg))
+    settings = recovery_settings(cfg.recovery, "lora" if lora else "full", cfg.seed)
+    data = _records(recovery_set(pool, cfg.recovery.n_samples, cfg.seed))
     jobs = [TrainJob(name, data, settings, export=True, start=None if lora else str(d),
                      start_adapter=str(d) if lora else None) for name, d in arms]
     log(f"immunize: recovery finetune of {len(jobs)} arm(s): {settings.steps} steps at lr {settings.lr:g} "
@@ -171,49 +150,42 @@ def recover(arms: Sequence[tuple[str, Path]], model_dir: str, lora: bool, pool: 
     return out
 
 
-def purify(model_dir: str, adapter: str | None, pool: Sequence[Example], cfg: ImmunizeConfig, out: str | Path,
-           overwrite: bool = False) -> dict:
-    """Purifies a suspicious model (or adapter) and writes the result to ``out``.
+def defend(job: DefenseJob, cfg: ImmunizeConfig) -> dict:
+    """The main method as a registered defense (``run_defense("immunize", ...)``).
 
-    ``out`` receives a standard HF model directory (full) or PEFT adapter
-    directory (adapter-only), ``signature.json`` (selected channels per layer),
-    ``signature.safetensors`` (every channel's score terms) and ``report.json``
-    (settings, seeds, timings per stage).
-
-    Returns:
-        The report.
+    Besides the model or adapter, ``job.out`` receives ``signature.json``
+    (selected channels per layer) and ``signature.safetensors`` (every
+    channel's score terms).
     """
-    check_inputs(cfg, pool)
     started = time.time()
     timings: dict[str, float] = {}
-    work = Path(tempfile.mkdtemp(prefix="rp-purify-"))
-    try:
-        with output_dir(out, overwrite=overwrite) as tmp:
-            terms = compute_scores(model_dir, adapter, cfg, pool, work, timings)
-            t0 = time.time()
-            scores, sig = signature_from(terms, cfg)
-            timings["select"] = round(time.time() - t0, 2)
-            t0 = time.time()
-            supp = work / "suppressed"
-            suppressed_copies(model_dir, adapter, [(sig, supp)], cfg.seed, cfg.scope)
-            timings["suppress"] = round(time.time() - t0, 2)
-            t0 = time.time()
-            rec = recover([("purified", supp)], model_dir, bool(adapter), pool, cfg, work)
-            timings["recover"] = round(time.time() - t0, 2)
-            for f in (rec / "purified").iterdir():
-                shutil.copy2(f, tmp / f.name)
-            write_signature(tmp, terms, scores, sig)
-            timings["total"] = round(time.time() - started, 2)
-            report = {"kind": "purify", "method": "immunize", "model": str(Path(model_dir).absolute()),
-                      "adapter": str(Path(adapter).absolute()) if adapter else None,
-                      "threat_model": "lora" if adapter else "full", "config": cfg.model_dump(),
-                      "n_selected": int(sum(s.numel() for s in sig)), "n_channels": int(sum(terms["channels"])),
-                      "variant_runs": terms["train_records"], "timings_s": timings}
-            (tmp / "report.json").write_text(json.dumps(report, indent=1))
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    log(f"immunize: wrote {out} in {timings['total']:.0f}s")
-    return report
+    terms = compute_scores(job.model, job.adapter, cfg, job.clean, job.work, timings)
+    t0 = time.time()
+    scores, sig = signature_from(terms, cfg)
+    timings["select"] = round(time.time() - t0, 2)
+    t0 = time.time()
+    supp = job.work / "suppressed"
+    suppressed_copies(job.model, job.adapter, [(sig, supp)], cfg.seed, cfg.scope)
+    timings["suppress"] = round(time.time() - t0, 2)
+    t0 = time.time()
+    rec = recover([("purified", supp)], job.model, bool(job.adapter), job.clean, cfg, job.work)
+    timings["recover"] = round(time.time() - t0, 2)
+    for f in (rec / "purified").iterdir():
+        shutil.copy2(f, job.out / f.name)
+    write_signature(job.out, terms, scores, sig)
+    timings["total"] = round(time.time() - started, 2)
+    return {"n_selected": int(sum(s.numel() for s in sig)), "n_channels": int(sum(terms["channels"])),
+            "variant_runs": terms["train_records"], "timings_s": timings}
+
+
+def purify(model_dir: str, adapter: str | None, pool: Sequence[Example], cfg: ImmunizeConfig, out: str | Path,
+           overwrite: bool = False) -> dict:
+    """Purifies a suspicious model (or adapter) into ``out`` with the main method.
+
+    Returns:
+        The run report (also ``out/report.json``): settings, seeds, timings per stage.
+    """
+    return run_defense("immunize", model_dir, adapter, pool, out, cfg, overwrite=overwrite)
 
 
 def write_signature(dest: Path, terms: dict, scores: Sequence[torch.Tensor], sig: Sequence[torch.Tensor]) -> None:

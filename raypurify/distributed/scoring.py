@@ -106,3 +106,59 @@ def score_on_ray(pairs: Sequence[tuple[str, str]], layer_keys: Sequence[ChannelK
             mag[int(layer)][int(start) // block_channels] = torch.as_tensor(np.asarray(m, dtype=np.float32))
             align[int(layer)][int(start) // block_channels] = torch.as_tensor(np.asarray(a, dtype=np.float32))
     return [torch.cat(m) for m in mag], [torch.cat(a) for a in align]
+
+
+class ScorePrefixes:
+    """Ray Data stage: like ``ScoreBlocks``, for several K at once.
+
+    A block's deltas of the largest K are read once; the score terms of every
+    K in ``ks`` come from its first K variants (``[:k]``), so a sweep over K
+    reads the 2K files once instead of once per K.
+    """
+
+    def __init__(self, pairs: Sequence[tuple[str, str]], layer_keys: Sequence[ChannelKeys], ks: Sequence[int]):
+        self.pairs, self.layer_keys, self.ks = list(pairs), list(layer_keys), list(ks)
+        torch.set_num_threads(1)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out: dict[str, list] = {"layer": [], "start": [], **{f"{t}{k}": [] for k in self.ks for t in ("m", "a")}}
+        for layer, start, stop in zip(batch["layer"], batch["start"], batch["stop"]):
+            deltas = block_deltas(self.pairs, self.layer_keys[int(layer)], int(start), int(stop))  # [K, C, W]
+            out["layer"].append(int(layer))
+            out["start"].append(int(start))
+            for k in self.ks:
+                mag, align = score_terms(deltas[:k])
+                out[f"m{k}"].append(mag.numpy())
+                out[f"a{k}"].append(align.numpy())
+        return {"layer": np.array(out["layer"]), "start": np.array(out["start"]),
+                **{key: np.array(v, dtype=object) for key, v in out.items() if key not in ("layer", "start")}}
+
+
+def score_prefixes_on_ray(pairs: Sequence[tuple[str, str]], layer_keys: Sequence[ChannelKeys],
+                          channels: Sequence[int], ks: Sequence[int], block_channels: int = 4096,
+                          actors: int = 2) -> dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]]:
+    """``score_on_ray`` for every K in ``ks`` in one pass (variant k uses ``pairs[:k]``).
+
+    Args:
+        pairs: ``(P_k file, C_k file)`` per variant, at least ``max(ks)``.
+        ks: Variant counts to score (each at least 2).
+
+    Returns:
+        ``{k: (magnitude, alignment)}``, each one ``[channels_l]`` tensor per layer.
+    """
+    ks = sorted(set(ks))
+    pairs = list(pairs)[: ks[-1]]
+    blocks = [Block(l, s, min(s + block_channels, n)) for l, n in enumerate(channels)
+              for s in range(0, n, block_channels)]
+    ds = ray.data.from_items([{"layer": b.layer, "start": b.start, "stop": b.stop} for b in blocks])
+    scored = ds.map_batches(ScorePrefixes, fn_constructor_kwargs={"pairs": pairs, "layer_keys": layer_keys, "ks": ks},
+                            compute=ray.data.ActorPoolStrategy(size=min(actors, len(blocks))),
+                            batch_size=1, num_cpus=1)
+    parts = {(k, t): [[None] * len(range(0, n, block_channels)) for n in channels] for k in ks for t in "ma"}
+    for batch in scored.iter_batches(batch_size=None):
+        for i, (layer, start) in enumerate(zip(batch["layer"], batch["start"])):
+            for k in ks:
+                for t in "ma":
+                    parts[(k, t)][int(layer)][int(start) // block_channels] = torch.as_tensor(
+                        np.asarray(batch[f"{t}{k}"][i], dtype=np.float32))
+    return {k: ([torch.cat(x) for x in parts[(k, "m")]], [torch.cat(x) for x in parts[(k, "a")]]) for k in ks}

@@ -1,17 +1,23 @@
-"""Ray Tune sweeps. First: the attack budget that calibrates the bench.
+"""Ray Tune sweeps: the attack budget that calibrates the bench, and the
+immunization settings, chosen blind with canary backdoors.
 
-A trial implants one backdoor with its point of the space (a Ray Tune
-function trainable on one CPU) and evaluates it; the sweep's answer is the
-weakest budget that still meets the bar, which is how the bench's default
-attack budget was chosen.
+Attack sweep: a trial implants one backdoor with its point of the space (a
+Ray Tune function trainable on one CPU) and evaluates it; the sweep's answer
+is the weakest budget that still meets the bar, which is how the bench's
+default attack budget was chosen.
+
+Immunization sweep (``tune_immunize``): see the section below and
+``raypurify/tuning.py`` for the choice rule.
 """
 
 from __future__ import annotations
 
 import json
 import tempfile
+import time
 from pathlib import Path
 
+import ray
 from ray import tune
 
 from raypurify.config import AttackConfig, AttackSpace
@@ -38,7 +44,8 @@ def _trial(config: dict) -> None:
     tune.report(r)
 
 
-def _param_space(space: AttackSpace) -> dict:
+def _param_space(space) -> dict:
+    """Tune's search space of an AttackSpace or ImmunizeSpace (flat dotted keys)."""
     dims = {}
     for key, v in space.space.items():
         if isinstance(v, list):
@@ -103,3 +110,417 @@ def tune_attack(space: AttackSpace, zoo: str, out: str, arch: str = "llama", siz
             (tmp / "best.yaml").write_text(yaml.safe_dump(best["attack"]))
     print("\n".join(lines))
     return {"trials": trials, "best": best, "clean": clean}
+
+
+# --- Immunization sweeps with a blind objective (canaries) -----------------
+#
+# The expensive work is done once, before Tune starts: the variant pairs for
+# the largest K of the space and the canary implants in ONE Ray Train fit,
+# then the score terms once per (K, scope) on the Ray Data actor pool. A
+# trial only selects its signature (cheap, pure), suppresses, recovers in
+# its own process and measures; it launches no trainer, so one CPU per trial
+# cannot deadlock the 2-CPU machine.
+
+SHARED_TRAIN_NAME = "tune-shared"
+
+
+def _examples(records: list[dict]):
+    from raypurify.data.corpus import Example
+
+    return [Example(**r) for r in records]
+
+
+def check_sweep_inputs(space, n_pool: int, mode: str) -> None:
+    """Rejects clean data too small for the held-out slice plus the rest of the sweep.
+
+    Raises:
+        RaypurifyError: With the numbers needed.
+    """
+    from raypurify.errors import RaypurifyError
+
+    base = space.base()
+    need_rest = max(base.variants.resolved("n_clean", mode), base.recovery.n_samples,
+                    space.canaries.implant.resolved("n_clean", mode))
+    need = space.utility.heldout + need_rest
+    if n_pool < need:
+        raise RaypurifyError(f"the clean data has {n_pool} samples; this sweep needs at least {need} "
+                             f"({space.utility.heldout} held out for utility and canary ASR + {need_rest} for the "
+                             "variants, canary implants and recovery)")
+
+
+def _utility(model, tok, held) -> dict:
+    from raypurify.evaluate import clean_accuracy, perplexity
+
+    return {"cda": clean_accuracy(model, tok, held), "ppl": perplexity(model, tok, held)}
+
+
+def _true(model, tok, bench: dict) -> dict:
+    from raypurify.evaluate import evaluate
+
+    r = evaluate(model, tok, _examples(bench["heldout"]), bench["attack"], bench["behavior"])
+    return {"true_asr": r["asr"], "true_cda": r["cda"], "true_ppl": r["ppl"], "true_false_activation": r["clean_asr"]}
+
+
+def _load(model_dir: str, adapter: str | None, trainable: bool = False):
+    from raypurify.io import attach_adapter, load_model
+
+    model, tok = load_model(model_dir)
+    if adapter:
+        model = attach_adapter(model, adapter, trainable=trainable)
+    return model, tok
+
+
+@ray.remote(num_cpus=1)
+def _baseline(model_dir: str, adapter: str | None, held: list[dict], canaries: list, bench: dict | None,
+              utility: bool) -> dict:
+    """Measures one unpurified model: utility and/or the canaries' ASR (and the true attack)."""
+    import torch
+
+    from raypurify.canaries import canary_asr
+
+    torch.set_num_threads(1)
+    model, tok = _load(model_dir, adapter)
+    h = _examples(held)
+    out = {f"canary{c.index}_asr": canary_asr(model, tok, c, h) for c in canaries}
+    if utility:
+        out.update(_utility(model, tok, h))
+    if bench:
+        out.update(_true(model, tok, bench))
+    return out
+
+
+def prepare_sweep(model_dir: str, adapter: str | None, pool: list, space, work: Path, bench: dict | None) -> dict:
+    """The work every trial shares, done once on the driver before Tune starts.
+
+    Returns:
+        The shared state handed to every trial (``tune.with_parameters``) and
+        the run record: held-out slice, recovery pool, canary specs and
+        model directories, score terms per ``"K|scope"``, baseline figures.
+    """
+    from transformers import AutoTokenizer
+
+    from raypurify.canaries import canary_dataset, make_canaries
+    from raypurify.distributed.immunize import _records, cluster_of, variant_jobs
+    from raypurify.distributed.scoring import score_prefixes_on_ray
+    from raypurify.distributed.train import TrainJob, run_jobs
+    from raypurify.signature import model_channel_keys
+    from raypurify.train import TrainSettings
+    from raypurify.tuning import defender_split
+    from raypurify.variants import make_variants
+
+    timings: dict[str, float] = {}
+    base = space.base()
+    mode = "lora" if adapter else "full"
+    held_idx, rest_idx = defender_split(len(pool), space.utility.heldout, base.seed)
+    held, rest = [pool[i] for i in held_idx], [pool[i] for i in rest_idx]
+    max_k = max(space.values("k"))
+    ks = sorted(set(space.values("k")))
+    scopes = sorted(set(space.values("scope")))
+    cfg_max = base.model_copy(update={"k": max_k})
+
+    model, _ = _load(model_dir, adapter)
+    keys = {s: model_channel_keys(model, lora=bool(adapter), scope=s) for s in scopes}
+    del model
+    save = sorted({k for layer_keys, _ in keys.values() for lk in layer_keys for k in lk.rows + lk.cols})
+
+    # Variants for the largest K only: make_variants(k) is a prefix of
+    # make_variants(max_k) (same seeded draws in order), so a trial with a
+    # smaller K scores the first k pairs and gets exactly its own variants.
+    jobs = variant_jobs(cfg_max, rest, mode, save)
+    variants = make_variants(max_k, seed=base.seed)
+    c = space.canaries
+    canaries = make_canaries(c.n, c.seed, avoid=variants, kinds=c.kinds)
+    n_clean = c.implant.resolved("n_clean", mode)
+    rate = c.implant.resolved("poison_rate", mode)
+    n_poison = max(1, round(rate * n_clean / (1 - rate)))
+    # Canaries train in the same fit as the variants: one fixed cost, not two.
+    jobs += [TrainJob(f"canary{s.index}", _records(canary_dataset(s, rest, n_clean, n_poison)),
+                      TrainSettings(steps=c.implant.resolved("steps", mode), batch_size=c.implant.batch_size,
+                                    lr=c.implant.resolved("lr", mode), warmup=10, seed=s.seed), export=True)
+             for s in canaries]
+    t0 = time.time()
+    log(f"tune: training {2 * max_k} variant finetunes (K={max_k}) and {len(canaries)} canary implants "
+        f"in one Ray Train fit")
+    out, records = run_jobs(model_dir, jobs, cluster_of(cfg_max, work / "ray_train"), adapter=adapter,
+                            name=SHARED_TRAIN_NAME)
+    timings["train_variants_and_canaries"] = round(time.time() - t0, 2)
+    canary_dirs = [str(out / f"canary{s.index}") for s in canaries]
+    if not adapter:
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        for d in canary_dirs:
+            tok.save_pretrained(d)
+
+    t0 = time.time()
+    pairs = [(str(out / f"v{k}-P.safetensors"), str(out / f"v{k}-C.safetensors")) for k in range(max_k)]
+    terms = {}
+    for scope in scopes:
+        layer_keys, channels = keys[scope]
+        log(f"tune: scoring {sum(channels)} {scope} units for K in {ks} (one Ray Data pass)")
+        by_k = score_prefixes_on_ray(pairs, layer_keys, channels, ks, base.workers.block_channels,
+                                     base.workers.score_actors)
+        for k, (mag, align) in by_k.items():
+            terms[f"{k}|{scope}"] = {"magnitude": mag, "alignment": align, "channels": channels}
+    timings["score"] = round(time.time() - t0, 2)
+
+    t0 = time.time()
+    held_r = _records(held)
+    # Unpurified figures: the suspicious model's utility (the reference of
+    # "CDA lost") and every canary's ASR before purification, measured.
+    futures = [_baseline.remote(model_dir, adapter, held_r, canaries, bench, True)]
+    futures += [_baseline.remote(model_dir if adapter else d, d if adapter else None, held_r, [s], None, True)
+                for s, d in zip(canaries, canary_dirs)]
+    susp, *canary_before = ray.get(futures)
+    timings["baseline"] = round(time.time() - t0, 2)
+    canary_records = [{"index": s.index, "trigger": s.trigger, "position": s.position, "kind": s.kind,
+                       "decoy": s.decoy, "asr_before": before[f"canary{s.index}_asr"],
+                       "asr_on_suspicious": susp[f"canary{s.index}_asr"], "cda": before["cda"],
+                       "weak": before[f"canary{s.index}_asr"] < c.min_asr}
+                      for s, before in zip(canaries, canary_before)]
+    for r in canary_records:
+        log(f"tune: canary {r['index']} ({r['kind']}, trigger {r['trigger']!r}): ASR {r['asr_before']:.3f} before "
+            f"purification, {r['asr_on_suspicious']:.3f} on the suspicious model"
+            + ("  -- WEAK: it barely fires, so it says little" if r["weak"] else ""))
+    run = {"variant_finetunes": sum(1 for r in records if r["name"].startswith("v")),
+           "canary_finetunes": sum(1 for r in records if r["name"].startswith("canary")),
+           "train_fits": 1, "max_k": max_k, "scoring_runs": sorted(terms), "scoring_passes": len(scopes),
+           "timings_s": timings,
+           "variant_triggers": [v.trigger for v in variants], "n_heldout": len(held), "n_rest": len(rest),
+           "train_records": records}
+    shared = {"model": model_dir, "adapter": adapter, "heldout": held_r, "rest": _records(rest),
+              "canaries": canaries, "canary_dirs": canary_dirs, "terms": terms, "fixed": space.fixed,
+              "baseline": {"cda": susp["cda"], "ppl": susp["ppl"]}, "bench": bench,
+              "max_cda_drop": space.utility.max_cda_drop}
+    return {"shared": shared, "run": run, "suspicious": susp, "canaries": canary_records}
+
+
+def _immunize_trial(config: dict, shared: dict) -> None:
+    """One trial: signature, suppression, recovery (in this process) and measurement, per epoch."""
+    import torch
+
+    from raypurify.canaries import canary_asr
+    from raypurify.config import ImmunizeConfig
+    from raypurify.defenses.common import recovery_set, recovery_settings
+    from raypurify.distributed.immunize import signature_from
+    from raypurify.signature import suppress
+    from raypurify.train import Finetuner
+    from raypurify.tuning import epoch_ends, merge, objective
+
+    torch.set_num_threads(1)
+    cfg = ImmunizeConfig.model_validate(merge(shared["fixed"], config["point"]))
+    lora = shared["adapter"] is not None
+    _, sig = signature_from(shared["terms"][f"{cfg.k}|{cfg.scope}"], cfg)
+    # The recovery of `raypurify purify` (same settings, same seeded draw),
+    # from the clean data minus the held-out slice.
+    settings = recovery_settings(cfg.recovery, "lora" if lora else "full", cfg.seed)
+    data = recovery_set(_examples(shared["rest"]), cfg.recovery.n_samples, cfg.seed)
+    held = _examples(shared["heldout"])
+    starts = [(shared["model"], shared["adapter"])]
+    starts += [(shared["model"], d) if lora else (d, None) for d in shared["canary_dirs"]]
+    runs = []
+    for model_dir, adapter in starts:
+        model, tok = _load(model_dir, adapter, trainable=True)
+        # The same signature, seed and recovery for the suspicious model and
+        # every canary model: a canary's survival predicts the real backdoor's.
+        suppress(model, sig, lora=lora, seed=cfg.seed, scope=cfg.scope)
+        runs.append((model, tok, Finetuner(model, tok, data, settings)))
+    ends = epoch_ends(settings.steps, cfg.recovery.epochs)
+    for epoch, until in enumerate(ends, start=1):
+        for _, _, ft in runs:
+            ft.run(until)
+        if not config["every_epoch"] and epoch < len(ends):
+            continue
+        model, tok, _ = runs[0]
+        m = _utility(model, tok, held)
+        for spec, (cm, ctok, _) in zip(shared["canaries"], runs[1:]):
+            m[f"canary{spec.index}_asr"] = canary_asr(cm, ctok, spec, held)
+        m["canary_asr"] = sum(m[f"canary{s.index}_asr"] for s in shared["canaries"]) / len(shared["canaries"])
+        m["cda_drop"] = shared["baseline"]["cda"] - m["cda"]
+        m["ppl_ratio"] = m["ppl"] / shared["baseline"]["ppl"]
+        m["objective"] = objective(m["canary_asr"], m["cda_drop"], shared["max_cda_drop"])
+        if shared["bench"]:
+            m.update(_true(model, tok, shared["bench"]))
+        tune.report({"epoch": epoch, "epochs": cfg.recovery.epochs,
+                     "n_suppressed": int(sum(s.numel() for s in sig)), **m})
+
+
+def _immunize_param_space(space) -> dict:
+    from raypurify.tuning import nested
+
+    return nested(_param_space(space))
+
+
+def pareto_plot(trials: list[dict], suspicious: dict, budget: float, chosen: dict | None, path: Path,
+                benchmark: bool) -> None:
+    """``pareto.png``: attack success against utility, one point per trial."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from raypurify.tuning import pareto_front
+
+    done = [t for t in trials if t.get("complete")]
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    pts = [(t["cda"], t["canary_asr"]) for t in done]
+    ax.scatter([p[0] for p in pts], [p[1] for p in pts], c="tab:blue", label="canary ASR (blind)", zorder=3)
+    front = pareto_front(pts)
+    ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], c="tab:blue", alpha=0.5, label="Pareto front")
+    if benchmark:
+        ax.scatter([t["cda"] for t in done], [t["true_asr"] for t in done], marker="^", c="tab:red",
+                   label="true ASR (benchmark)", zorder=3)
+    ax.axvline(suspicious["cda"] - budget, ls="--", c="gray", label=f"utility budget (-{budget * 100:.1f} CDA pts)")
+    ax.scatter([suspicious["cda"]], [suspicious.get("true_asr", 1.0) if benchmark else 1.0], marker="x", c="black",
+               label="suspicious model" + ("" if benchmark else " (ASR unknown: drawn at 1)"))
+    if chosen:
+        ax.scatter([chosen["cda"]], [chosen["canary_asr"]], s=220, facecolors="none", edgecolors="tab:green",
+                   linewidths=2, label="chosen (blind)", zorder=4)
+    ax.set_xlabel("CDA on the defender's held-out slice (utility)")
+    ax.set_ylabel("attack success rate")
+    ax.set_ylim(-0.03, 1.03)
+    ax.legend(fontsize=7, loc="best")
+    ax.set_title("Immunization sweep: attack success vs utility", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def tune_immunize(space, model_dir: str, adapter: str | None, pool: list, out: str, objective: str = "blind",
+                  attack: str | None = None, behavior: str | None = None, heldout: list | None = None,
+                  address: str | None = None, overwrite: bool = False) -> dict:
+    """Sweeps an immunization search space and chooses a setting blind.
+
+    Writes to ``out``: ``best.yaml`` (an ImmunizeConfig that ``raypurify
+    purify --config`` accepts), ``trials.json`` (every trial, the choice and
+    the run record), ``trials.md``, ``pareto.png`` and the Ray Tune storage
+    ``ray_tune/``.
+
+    Args:
+        space: A validated ``ImmunizeSpace``.
+        model_dir: Suspicious model directory (the base, with ``adapter``).
+        adapter: Suspicious PEFT adapter (adapter-only threat model).
+        pool: The defender's clean data (a held-out slice is split off).
+        out: Output directory.
+        objective: ``blind`` (canaries only) or ``benchmark`` (the true
+            attack is also measured on every trial; needs ``attack``,
+            ``behavior`` and ``heldout``).
+
+    Returns:
+        ``{"trials", "chosen", "statement", "hindsight", "spearman", "run", ...}``.
+    """
+    import shutil
+
+    import yaml
+    from ray.tune.schedulers import ASHAScheduler
+
+    from raypurify.errors import RaypurifyError
+    from raypurify.tuning import choose, flat, spearman_of, trials_table
+
+    benchmark = objective == "benchmark"
+    if objective not in ("blind", "benchmark"):
+        raise RaypurifyError(f"unknown objective {objective!r}; valid choices: blind, benchmark")
+    if benchmark and not (attack and behavior and heldout):
+        raise RaypurifyError("--objective benchmark needs --attack, --behavior and held-out data with references")
+    check_sweep_inputs(space, len(pool), "lora" if adapter else "full")
+    bench = {"attack": attack, "behavior": behavior, "heldout": [{**e.to_json(), "family": e.family} for e in heldout]} \
+        if benchmark else None
+    started = time.time()
+    with output_dir(out, overwrite=overwrite) as tmp:
+        init_ray(address)
+        # Shared work under the output: on a cluster --out is on a shared
+        # filesystem, so every trial's node can read the canary models.
+        work = tmp / "_work"
+        prep = prepare_sweep(model_dir, adapter, pool, space, work, bench)
+        max_epochs = max(space.values("recovery.epochs"))
+        use_asha = space.asha.enabled and max_epochs > 1
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_epochs,
+                                  grace_period=min(space.asha.grace_period, max_epochs),
+                                  reduction_factor=space.asha.reduction_factor) if use_asha else None
+        search_alg = None
+        if space.search == "optuna":
+            from ray.tune.search.optuna import OptunaSearch
+
+            search_alg = OptunaSearch(seed=space.base().seed)
+        trainable = tune.with_resources(tune.with_parameters(_immunize_trial, shared=prep["shared"]), {"cpu": 1})
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"point": _immunize_param_space(space), "every_epoch": use_asha},
+            tune_config=tune.TuneConfig(metric="objective", mode="min", num_samples=space.num_samples,
+                                        max_concurrent_trials=space.max_concurrent, scheduler=scheduler,
+                                        search_alg=search_alg),
+            run_config=tune.RunConfig(name="immunize", storage_path=str(tmp / "ray_tune"), verbose=1),
+        )
+        log(f"tune: sweeping {', '.join(space.space)} ({space.search}{', ASHA on recovery epochs' if use_asha else ''}), "
+            f"{space.max_concurrent} trials at a time")
+        t0 = time.time()
+        grid = tuner.fit()
+        prep["run"]["timings_s"]["trials"] = round(time.time() - t0, 2)
+        trials = []
+        for result in grid:
+            point = flat(result.config["point"])
+            if result.error:
+                trials.append({"point": point, "error": str(result.error).splitlines()[0],
+                               "trial_id": (result.metrics or {}).get("trial_id")})
+                continue
+            m = result.metrics
+            keep = {k: v for k, v in m.items() if k in ("canary_asr", "cda", "cda_drop", "ppl", "ppl_ratio",
+                                                         "objective", "n_suppressed", "trial_id")
+                    or k.startswith("canary") or k.startswith("true_")}
+            # Wall-clock span of the trial: shows which trials ran side by side.
+            wall = [round(m["timestamp"] - m["time_total_s"], 2), round(float(m["timestamp"]), 2)]
+            trials.append({"point": point, **keep, "epochs_run": m["epoch"], "complete": m["epoch"] == m["epochs"],
+                           "wall": wall})
+        budget = space.utility.max_cda_drop
+        chosen, statement = choose(trials, budget)
+        hindsight, hindsight_statement = choose(trials, budget, metric="true_asr") if benchmark else (None, None)
+        done = [t for t in trials if t.get("complete")]
+        rho_s = spearman_of([t["canary_asr"] for t in done], [t["true_asr"] for t in done]) if benchmark else None
+        base = space.base()
+        result = {"objective": objective, "attack": attack, "behavior": behavior,
+                  "model": str(Path(model_dir).absolute()), "adapter": str(Path(adapter).absolute()) if adapter else None,
+                  "budget": {"max_cda_drop": budget, "heldout": space.utility.heldout},
+                  "suspicious": prep["suspicious"], "canaries": prep["canaries"], "trials": trials,
+                  "chosen": chosen, "statement": statement, "hindsight": hindsight,
+                  "hindsight_statement": hindsight_statement, "spearman_canary_true": rho_s,
+                  "asha": use_asha, "search": space.search, "run": prep["run"]}
+        result["run"]["timings_s"]["total"] = round(time.time() - started, 2)
+        swept = list(space.space)
+        susp = prep["suspicious"]
+        head = [f"Suspicious model on the defender's held-out slice ({space.utility.heldout} samples): CDA "
+                f"{susp['cda']:.3f}, PPL {susp['ppl']:.3f}"
+                + (f"; true ASR {susp['true_asr']:.3f}, true CDA {susp['true_cda']:.3f}" if benchmark else "") + ".",
+                "Canaries (ASR before purification / on the suspicious model): "
+                + "; ".join(f"{c['kind']} {c['trigger']!r} {c['asr_before']:.3f} / {c['asr_on_suspicious']:.3f}"
+                            + (" (WEAK)" if c["weak"] else "") for c in prep["canaries"]) + ".",
+                f"Shared work: {prep['run']['variant_finetunes']} variant finetunes (K={prep['run']['max_k']}) + "
+                f"{prep['run']['canary_finetunes']} canary implants in {prep['run']['train_fits']} Ray Train fit; "
+                f"scores for {', '.join(prep['run']['scoring_runs'])} (K|scope).", ""]
+        if chosen:
+            head.append(f"**Choice: trial {chosen['trial_id']}** ({', '.join(f'{k}={v}' for k, v in chosen['point'].items())})"
+                        f": {statement}.")
+        else:
+            head.append(f"**No choice**: {statement}.")
+        if benchmark and hindsight:
+            head.append(f"Best in hindsight (true ASR, same budget): trial {hindsight['trial_id']}, true ASR "
+                        f"{hindsight['true_asr']:.3f}, true CDA {hindsight['true_cda']:.3f}; blind choice: true ASR "
+                        f"{chosen['true_asr']:.3f}, true CDA {chosen['true_cda']:.3f}. Spearman(canary ASR, true ASR) "
+                        f"over {len(done)} completed trials: "
+                        + ("n/a" if rho_s is None else f"{rho_s:.3f}") + ".")
+        text = "\n".join(head) + "\n\n" + trials_table(trials, swept, budget, chosen and chosen["trial_id"], benchmark)
+        (tmp / "trials.md").write_text(text)
+        (tmp / "trials.json").write_text(json.dumps(result, indent=1, default=str))
+        if chosen:
+            cfg = type(base).model_validate(_point_update(base.model_dump(), chosen["point"]))
+            (tmp / "best.yaml").write_text(
+                f"# raypurify tune: {statement}.\n# trial {chosen['trial_id']}: canary ASR {chosen['canary_asr']:.3f}, "
+                f"CDA lost {chosen['cda_drop'] * 100:.1f} points (held-out slice of {space.utility.heldout}).\n"
+                "# Use: raypurify purify --config best.yaml\n" + yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+        pareto_plot(trials, susp, budget, chosen, tmp / "pareto.png", benchmark)
+        shutil.rmtree(work, ignore_errors=True)
+    print(text)
+    return result
+
+
+def _point_update(base: dict, point: dict) -> dict:
+    from raypurify.tuning import merge, nested
+
+    return merge(base, nested(point))

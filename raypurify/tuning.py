@@ -1,0 +1,270 @@
+"""Choosing a purification setting without knowing the real trigger.
+
+The blind objective of a sweep: every trial purifies the suspicious model
+and a few canary models (copies of it with backdoors raypurify implanted
+itself, so their trigger is known) with the same signature and recovery,
+then reports canary ASR and utility on the defender's own clean held-out
+slice. The choice is the lowest canary ASR among the trials that lose at
+most ``max_cda_drop`` of CDA. On the bench, where the real attack is known,
+the same trials also carry the true ASR, and the blind choice is compared
+with the best choice in hindsight.
+
+Pure Python (plus torch for the rank correlation): no Ray, no files. The
+Ray layer (``raypurify/distributed/tune.py``) feeds it trial records: dicts
+with ``canary_asr``, ``cda_drop``, ``complete`` and the trial's ``point``.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Mapping, Sequence
+
+# Keys of ImmunizeConfig a search space may sweep; dotted names are nested
+# fields. Everything else is fixed for the whole sweep (its ``fixed`` block),
+# because the shared work (variants, canaries) depends on it.
+SPACE_KEYS: dict[str, str] = {
+    "rho": "float",
+    "k": "int",
+    "lam": "float",
+    "scoring": "choice",
+    "per_layer": "choice",
+    "scope": "choice",
+    "recovery.lr": "float",
+    "recovery.epochs": "int",
+}
+
+
+def nested(point: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"recovery.lr": x, "rho": y}`` -> ``{"recovery": {"lr": x}, "rho": y}``."""
+    out: dict[str, Any] = {}
+    for key, value in point.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def flat(point: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The inverse of ``nested``."""
+    out: dict[str, Any] = {}
+    for key, value in point.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flat(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep merge of two config dicts (``update`` wins)."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def defender_split(n_pool: int, n_heldout: int, seed: int) -> tuple[list[int], list[int]]:
+    """Splits the defender's clean data into a held-out slice and the rest.
+
+    The held-out slice measures utility (and canary ASR); the rest feeds the
+    variants, the canaries and the recovery finetune, so the recovery samples
+    never appear in the slice that judges them.
+
+    Returns:
+        ``(heldout indices, rest indices)``, disjoint, both sorted.
+    """
+    if n_heldout >= n_pool:
+        raise ValueError(f"the held-out slice ({n_heldout}) must be smaller than the clean data ({n_pool})")
+    idx = list(range(n_pool))
+    # Its own seed stream: the recovery set draws from the rest with the
+    # config seed, so the two draws must not be the same shuffle.
+    random.Random(f"heldout-{seed}").shuffle(idx)
+    return sorted(idx[:n_heldout]), sorted(idx[n_heldout:])
+
+
+def epoch_ends(steps: int, epochs: int) -> list[int]:
+    """Step counts at which each recovery epoch ends (the last is ``steps``).
+
+    A trial reports once per epoch, which is what ASHA stops on.
+    """
+    return [max(1, round((e + 1) * steps / epochs)) for e in range(epochs)]
+
+
+def objective(canary_asr: float, cda_drop: float, max_cda_drop: float) -> float:
+    """One number to minimize (for ASHA and Optuna): canary ASR, with CDA lost past the budget.
+
+    Inside the budget only canary ASR counts, as in the final choice; every
+    point of CDA lost past the budget costs as much as all of ASR, so a trial
+    outside it never ranks above one inside it.
+    """
+    excess = max(0.0, cda_drop - max_cda_drop)
+    return canary_asr + (1.0 + 100.0 * excess if excess > 1e-12 else 0.0)
+
+
+def within_budget(trial: Mapping[str, Any], max_cda_drop: float) -> bool:
+    return trial["cda_drop"] <= max_cda_drop + 1e-9
+
+
+def _tiebreak(t: Mapping[str, Any]) -> tuple:
+    # Equal ASR: the smaller CDA loss, then the milder intervention.
+    return (t["cda_drop"], t["point"].get("rho", 0.0), str(t.get("trial_id", "")))
+
+
+def choose(trials: Sequence[Mapping[str, Any]], max_cda_drop: float,
+           metric: str = "canary_asr") -> tuple[Mapping[str, Any] | None, str]:
+    """The chosen trial and a sentence that states why.
+
+    Only trials that ran their whole recovery (``complete``) are candidates:
+    an early-stopped trial was measured mid-schedule, which its config would
+    not reproduce.
+
+    Args:
+        trials: Trial records.
+        max_cda_drop: Utility budget (CDA lost against the suspicious model).
+        metric: ``canary_asr`` (blind) or ``true_asr`` (hindsight, bench only).
+
+    Returns:
+        ``(trial or None, statement)``. With no trial inside the budget, the
+        one losing the least CDA is returned and the statement says so.
+    """
+    done = [t for t in trials if t.get("complete") and metric in t]
+    if not done:
+        return None, "no trial completed its recovery; nothing to choose"
+    ok = [t for t in done if within_budget(t, max_cda_drop)]
+    what = "canary ASR" if metric == "canary_asr" else "true ASR"
+    if ok:
+        best = min(ok, key=lambda t: (t[metric], *_tiebreak(t)))
+        return best, (f"lowest {what} ({best[metric]:.3f}) among the {len(ok)} of {len(done)} completed trials "
+                      f"that lose at most {max_cda_drop * 100:.1f} CDA points on the defender's held-out slice")
+    best = min(done, key=lambda t: (t["cda_drop"], t[metric], *_tiebreak(t)))
+    return best, (f"NO trial stayed within the utility budget ({max_cda_drop * 100:.1f} CDA points); falling back "
+                  f"to the smallest CDA loss ({best['cda_drop'] * 100:.1f} points, {what} {best[metric]:.3f})")
+
+
+def rank(trials: Sequence[Mapping[str, Any]], max_cda_drop: float) -> list[Mapping[str, Any]]:
+    """Trials in the order of the blind choice: complete and within budget first, by canary ASR."""
+    def key(t):
+        return (not t.get("complete"), not within_budget(t, max_cda_drop), t["canary_asr"], *_tiebreak(t))
+    return sorted([t for t in trials if "canary_asr" in t], key=key)
+
+
+def spearman_of(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Spearman correlation of two lists; None with fewer than 3 points or a constant list."""
+    import torch
+
+    from raypurify.signature import spearman
+
+    if len(x) < 3 or len(set(x)) < 2 or len(set(y)) < 2:
+        return None
+    return spearman(torch.tensor(list(x), dtype=torch.float64), torch.tensor(list(y), dtype=torch.float64))
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both axes.
+
+    Args:
+        points: ``(utility, attack success)``: higher utility and lower
+            attack success are better.
+
+    Returns:
+        Indices of the front, by increasing utility.
+    """
+    front = []
+    for i, (u, a) in enumerate(points):
+        dominated = any((u2 >= u and a2 <= a) and (u2 > u or a2 < a) for j, (u2, a2) in enumerate(points) if j != i)
+        if not dominated:
+            front.append(i)
+    return sorted(front, key=lambda i: points[i][0])
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+def trials_table(trials: Sequence[Mapping[str, Any]], swept: Sequence[str], max_cda_drop: float,
+                 chosen_id: str | None, benchmark: bool) -> str:
+    """Markdown: one row per trial in ranked order, the chosen one marked."""
+    head = ["trial", *swept, "epochs run", "canary ASR", "CDA", "CDA lost", "PPL ratio"]
+    if benchmark:
+        head += ["true ASR", "true CDA"]
+    head += ["in budget"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for t in rank(trials, max_cda_drop) + [t for t in trials if "canary_asr" not in t]:
+        mark = " **(chosen)**" if t.get("trial_id") == chosen_id else ""
+        cells = [f"{t.get('trial_id', '?')}{mark}", *(_fmt(t["point"].get(k)) for k in swept)]
+        if "canary_asr" not in t:
+            lines.append("| " + " | ".join(cells + [f"failed: {t.get('error', '?')}"] + [""] * (len(head) - len(cells) - 1)) + " |")
+            continue
+        cells += [f"{t['epochs_run']}{'' if t.get('complete') else ' (stopped)'}", f"{t['canary_asr']:.3f}",
+                  f"{t['cda']:.3f}", f"{t['cda_drop'] * 100:+.1f}", f"{t['ppl_ratio']:.3f}"]
+        if benchmark:
+            cells += [f"{t['true_asr']:.3f}" if "true_asr" in t else "-", f"{t['true_cda']:.3f}" if "true_cda" in t else "-"]
+        cells += ["yes" if within_budget(t, max_cda_drop) else "no"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def bench_row(result: Mapping[str, Any]) -> dict[str, Any]:
+    """One attack's line of the tune bench: the blind choice against the best in hindsight.
+
+    Args:
+        result: What ``tune_immunize(..., objective="benchmark")`` returned.
+    """
+    def pick(t):
+        if t is None:
+            return None
+        return {"trial_id": t["trial_id"], "point": t["point"], "canary_asr": t["canary_asr"],
+                "true_asr": t["true_asr"], "true_cda": t["true_cda"], "cda_drop": t["cda_drop"]}
+
+    blind, hind = pick(result["chosen"]), pick(result["hindsight"])
+    return {"attack": result["attack"], "behavior": result["behavior"],
+            "suspicious_true_asr": result["suspicious"].get("true_asr"),
+            "suspicious_true_cda": result["suspicious"].get("true_cda"),
+            "canary_asr_before": [c["asr_before"] for c in result["canaries"]],
+            "blind": blind, "hindsight": hind,
+            "gap": None if not (blind and hind) else blind["true_asr"] - hind["true_asr"],
+            "spearman": result["spearman_canary_true"],
+            "n_trials": sum(1 for t in result["trials"] if t.get("complete")),
+            "in_budget": result["statement"] is not None and not str(result["statement"]).startswith("NO trial")}
+
+
+def bench_table(rows: Sequence[Mapping[str, Any]], max_cda_drop: float) -> str:
+    """Markdown of the tune bench, with the mean over attacks and the issue's targets."""
+    def f(v, p=3):
+        return "-" if v is None else f"{v:.{p}f}"
+
+    lines = ["| attack | suspicious ASR | blind: canary ASR | blind: true ASR | blind: true CDA | "
+             "hindsight: true ASR | hindsight: true CDA | gap (pts) | Spearman | trials |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        b, h = r["blind"] or {}, r["hindsight"] or {}
+        gap = "-" if r["gap"] is None else f"{r['gap'] * 100:+.1f}"
+        lines.append(f"| {r['attack']} | {f(r['suspicious_true_asr'])} | {f(b.get('canary_asr'))} | "
+                     f"{f(b.get('true_asr'))} | {f(b.get('true_cda'))} | {f(h.get('true_asr'))} | {f(h.get('true_cda'))} | "
+                     f"{gap} | "
+                     f"{f(r['spearman'])} | {r['n_trials']} |")
+    gaps = [r["gap"] for r in rows if r["gap"] is not None]
+    rhos = [r["spearman"] for r in rows if r["spearman"] is not None]
+    mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+    lines.append(f"| **mean** | {f(mean([r['suspicious_true_asr'] for r in rows if r['suspicious_true_asr'] is not None]))} | "
+                 f"{f(mean([r['blind']['canary_asr'] for r in rows if r['blind']]))} | "
+                 f"{f(mean([r['blind']['true_asr'] for r in rows if r['blind']]))} | "
+                 f"{f(mean([r['blind']['true_cda'] for r in rows if r['blind']]))} | "
+                 f"{f(mean([r['hindsight']['true_asr'] for r in rows if r['hindsight']]))} | "
+                 f"{f(mean([r['hindsight']['true_cda'] for r in rows if r['hindsight']]))} | "
+                 f"{'-' if not gaps else f'{mean(gaps) * 100:+.1f}'} | {f(mean(rhos))} | |")
+    within = sum(1 for g in gaps if g <= 0.03 + 1e-9)
+    strong = sum(1 for r in rhos if r >= 0.7)
+    lines += ["", f"Utility budget: at most {max_cda_drop * 100:.1f} CDA points lost on the defender's held-out "
+              "slice, for the blind choice and the hindsight choice alike. Targets: blind true ASR within 3 points "
+              f"of hindsight ({within}/{len(gaps)} attacks meet it); Spearman(canary ASR, true ASR) >= 0.7 "
+              f"({strong}/{len(rhos)} attacks meet it)."]
+    return "\n".join(lines) + "\n"
