@@ -107,11 +107,23 @@ def cmd_evaluate(args) -> None:
                                                "attack": args.attack, "behavior": args.behavior}, indent=1))
 
 
+def check_loadable(model_dir: str, adapter: str | None, scopes) -> None:
+    """Loads the model (and adapter) once up front: a bad adapter or an unknown
+    architecture fails here, before Ray or any training starts."""
+    from raypurify.io import attach_adapter, load_model
+    from raypurify.signature import model_channel_keys
+
+    model, _ = load_model(model_dir)
+    if adapter:
+        model = attach_adapter(model, adapter)
+    for scope in scopes:
+        model_channel_keys(model, lora=bool(adapter), scope=scope)
+
+
 def cmd_purify(args) -> None:
     from raypurify.config import load_yaml
     from raypurify.defenses import check_budget, defenses, run_defense, settings_for
-    from raypurify.io import attach_adapter, check_model_dir, load_examples, load_model
-    from raypurify.signature import model_channel_keys
+    from raypurify.io import check_model_dir, load_examples
 
     data = load_yaml(args.config)
     for key in ("k", "rho", "seed"):
@@ -123,13 +135,7 @@ def cmd_purify(args) -> None:
     check_model_dir(args.model)
     pool = load_examples(args.clean_data, "clean data")
     check_budget(args.defense, cfg, pool)
-    # Load once up front: a bad adapter or an unknown architecture fails here,
-    # before any Ray or training starts.
-    model, _ = load_model(args.model)
-    if args.adapter:
-        model = attach_adapter(model, args.adapter)
-    model_channel_keys(model, lora=bool(args.adapter), scope=getattr(cfg, "scope", "mlp"))
-    del model
+    check_loadable(args.model, args.adapter, scopes=[getattr(cfg, "scope", "mlp")])
     if defenses()[args.defense].uses_ray:
         from raypurify.distributed.bench import init_ray
 
@@ -162,8 +168,7 @@ def cmd_compare(args) -> None:
 
 def cmd_tune(args) -> None:
     from raypurify.config import ImmunizeSpace, build, load_yaml
-    from raypurify.io import attach_adapter, check_model_dir, load_examples, load_model
-    from raypurify.signature import model_channel_keys
+    from raypurify.io import check_model_dir, load_examples
 
     space = build(ImmunizeSpace, load_yaml(args.space), source=f"search space {args.space}")
     if args.objective == "benchmark" and not (args.attack and args.behavior):
@@ -174,13 +179,7 @@ def cmd_tune(args) -> None:
     if args.objective == "benchmark":
         heldout = load_examples(args.heldout or default_data(args.adapter or args.model, "heldout.json"),
                                 "held-out data")
-    # Everything that can fail does so here, before Ray or any training.
-    model, _ = load_model(args.model)
-    if args.adapter:
-        model = attach_adapter(model, args.adapter)
-    for scope in set(space.values("scope")):
-        model_channel_keys(model, lora=bool(args.adapter), scope=scope)
-    del model
+    check_loadable(args.model, args.adapter, scopes=set(space.values("scope")))
     from raypurify.distributed.tune import check_sweep_inputs, tune_immunize
 
     check_sweep_inputs(space, len(pool), "lora" if args.adapter else "full")

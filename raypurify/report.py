@@ -17,6 +17,14 @@ from typing import Sequence
 FIXED = ("clean model", "none")
 
 
+def order_rows(rows: Sequence[dict], cells: Sequence[Sequence[str]], defenses: Sequence[str]) -> list[dict]:
+    """Rows in table order: cells as configured, then references, then defenses as named."""
+    cell_ix = {tuple(c): i for i, c in enumerate(cells)}
+    col_ix = {d: i for i, d in enumerate([*FIXED, *defenses])}
+    return sorted(rows, key=lambda r: (cell_ix.get((r["attack"], r["behavior"], r["mode"]), len(cell_ix)),
+                                       col_ix.get(r["defense"], len(col_ix))))
+
+
 def _columns(rows: Sequence[dict]) -> list[str]:
     seen = [r["defense"] for r in rows]
     return [c for c in FIXED if c in seen] + [d for d in dict.fromkeys(seen) if d not in FIXED]

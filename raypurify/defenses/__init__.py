@@ -141,8 +141,8 @@ def check_budget(name: str, cfg: Strict, clean: Sequence[Example]) -> None:
     """Rejects clean data smaller than what the settings ask for."""
     need = cfg.min_clean() if hasattr(cfg, "min_clean") else 1
     if len(clean) < need:
-        raise RaypurifyError(f"defense {name!r} needs at least {need} clean samples with these settings; "
-                             f"the clean data has {len(clean)}")
+        raise RaypurifyError(f"the clean data has {len(clean)} samples; defense {name!r} needs at least {need} "
+                             "with these settings (its variant subsets or recovery samples)")
 
 
 def run_defense(name: str, model: str, adapter: str | None, clean: Sequence[Example], out: str | Path,

@@ -88,7 +88,7 @@ def run_compare(cfg: CompareConfig, out: str | Path, address: str | None = None,
         ``{"meta": ..., "rows": [...]}`` as written to ``results.json``.
     """
     from raypurify.defenses import defenses
-    from raypurify.report import write_report
+    from raypurify.report import order_rows, write_report
 
     registry = defenses()
     cells = cfg.cells()
@@ -153,7 +153,7 @@ def run_compare(cfg: CompareConfig, out: str | Path, address: str | None = None,
                 "attack_seed": _attack_cfg(cfg, *cells[0]).seed, "eval_seed": 1234,
                 "n_clean_pool": len(load_examples(pool)), "heldout": str(zoo / "heldout.json") if cfg.max_eval is None else
                 f"heldout-subset.json ({cfg.max_eval} of {zoo / 'heldout.json'})", "wall_s": round(time.time() - started, 1)}
-        result = {"meta": meta, "rows": rows}
+        result = {"meta": meta, "rows": order_rows(rows, cells, cfg.defenses)}
         (tmp / "results.json").write_text(json.dumps(result, indent=1))
         write_report(tmp, result)
     log(f"compare: wrote {out} in {time.time() - started:.0f}s")

@@ -30,13 +30,13 @@ finetune of raypurify uses.
 
 from __future__ import annotations
 
-import random
 import time
 from pathlib import Path
 from typing import Sequence
 
 from raypurify.conflict import ConflictConfig
 from raypurify.data.corpus import Example
+from raypurify.defenses.common import recovery_set
 from raypurify.distributed.train import Cluster, TrainJob, run_jobs
 from raypurify.errors import RaypurifyError
 from raypurify.io import check_model_dir
@@ -45,20 +45,14 @@ from raypurify.progress import log
 from raypurify.train import TrainSettings
 
 
-def conflict_set(clean: Sequence[Example], cfg: ConflictConfig) -> list[Example]:
-    """The clean samples the conflict LoRA trains on (seeded, without replacement)."""
-    idx = list(range(len(clean)))
-    random.Random(cfg.seed).shuffle(idx)
-    return [clean[i] for i in idx[: cfg.n_samples]]
-
-
 def train_conflict_lora(model_dir: str, clean: Sequence[Example], cfg: ConflictConfig, work: Path) -> tuple[Path, dict]:
     """Trains a fresh LoRA on ``model_dir`` with clean data, on Ray Train.
 
     Returns:
         ``(adapter directory, training record)``.
     """
-    data = [{**e.to_json(), "family": e.family} for e in conflict_set(clean, cfg)]
+    # The same seeded draw as every recovery finetune's samples.
+    data = [{**e.to_json(), "family": e.family} for e in recovery_set(clean, cfg.n_samples, cfg.seed)]
     settings = TrainSettings(steps=cfg.steps(), batch_size=cfg.batch_size, lr=cfg.lr, warmup=3, seed=cfg.seed)
     w = cfg.workers
     cluster = Cluster(num_workers=w.num_workers, group_size=w.group_size, zero_stage=w.zero_stage,
