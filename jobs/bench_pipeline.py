@@ -76,7 +76,8 @@ if __name__ == "__main__":
     if not (a.model and a.clean_data):
         p.error("--model and --clean-data are required (or --smoke-test)")
     from raypurify.distributed.bench import init_ray
-    from raypurify.distributed.immunize import cluster_of, purify, variant_jobs
+    from raypurify.distributed.immunize import purify, variant_jobs
+    from raypurify.distributed.train import cluster_for
     from raypurify.distributed.train import run_jobs
 
     data = load_yaml(a.config)
@@ -97,7 +98,7 @@ if __name__ == "__main__":
         for n in (1, 2):
             c = cfg.model_copy(update={"workers": cfg.workers.model_copy(update={"num_workers": n})})
             t0 = time.time()
-            run_jobs(a.model, jobs, cluster_of(c, work / f"w{n}"), name=f"workers{n}")
+            run_jobs(a.model, jobs, cluster_for(c.workers, work / f"w{n}"), name=f"workers{n}")
             per_workers[n] = time.time() - t0
     finally:
         shutil.rmtree(work, ignore_errors=True)

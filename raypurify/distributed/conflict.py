@@ -37,7 +37,7 @@ from typing import Sequence
 from raypurify.conflict import ConflictConfig
 from raypurify.data.corpus import Example
 from raypurify.defenses.common import recovery_set
-from raypurify.distributed.train import Cluster, TrainJob, run_jobs
+from raypurify.distributed.train import TrainJob, cluster_for, run_jobs
 from raypurify.errors import RaypurifyError
 from raypurify.io import check_model_dir
 from raypurify.merge import combine_adapters, copy_model_files, merge_lora_into, merge_models, model_config
@@ -54,9 +54,7 @@ def train_conflict_lora(model_dir: str, clean: Sequence[Example], cfg: ConflictC
     # The same seeded draw as every recovery finetune's samples.
     data = [{**e.to_json(), "family": e.family} for e in recovery_set(clean, cfg.n_samples, cfg.seed)]
     settings = TrainSettings(steps=cfg.steps(), batch_size=cfg.batch_size, lr=cfg.lr, warmup=3, seed=cfg.seed)
-    w = cfg.workers
-    cluster = Cluster(num_workers=w.num_workers, group_size=w.group_size, zero_stage=w.zero_stage,
-                      precision=w.precision, use_gpu=w.use_gpu, storage=str((work / "ray_train").absolute()))
+    cluster = cluster_for(cfg.workers, work / "ray_train")
     log(f"conflict: training the conflict LoRA (r={cfg.lora_r}) on {len(data)} clean samples, "
         f"{settings.steps} steps at lr {settings.lr:g}")
     out, records = run_jobs(model_dir, [TrainJob("conflict", data, settings, export=True)], cluster,

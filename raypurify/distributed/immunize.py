@@ -25,7 +25,7 @@ from raypurify.data.corpus import Example
 from raypurify.distributed.scoring import score_on_ray
 from raypurify.defenses import DefenseJob, run_defense
 from raypurify.defenses.common import recovery_set, recovery_settings
-from raypurify.distributed.train import Cluster, TrainJob, run_jobs
+from raypurify.distributed.train import TrainJob, cluster_for, run_jobs
 from raypurify.io import attach_adapter, load_model
 from raypurify.progress import log
 from raypurify.signature import combine, model_channel_keys, select_top, suppress
@@ -35,12 +35,6 @@ from raypurify.variants import make_variants, pair_datasets
 
 def _records(examples: Sequence[Example]) -> list[dict]:
     return [{**e.to_json(), "family": e.family} for e in examples]
-
-
-def cluster_of(cfg: ImmunizeConfig, storage: Path) -> Cluster:
-    w = cfg.workers
-    return Cluster(num_workers=w.num_workers, group_size=w.group_size, zero_stage=w.zero_stage,
-                   precision=w.precision, use_gpu=w.use_gpu, storage=str(storage.absolute()))
 
 
 def variant_jobs(cfg: ImmunizeConfig, pool: Sequence[Example], mode: str, save_keys: Sequence[str]) -> list[TrainJob]:
@@ -76,7 +70,7 @@ def compute_scores(model_dir: str, adapter: str | None, cfg: ImmunizeConfig, poo
     jobs = variant_jobs(cfg, pool, mode, save)
     log(f"immunize: training {len(jobs)} variant finetunes (K={cfg.k}) on Ray Train, "
         f"{cfg.workers.num_workers} workers, ZeRO {cfg.workers.zero_stage}, {cfg.workers.precision}")
-    out, records = run_jobs(model_dir, jobs, cluster_of(cfg, work / "ray_train"), adapter=adapter, name="variants")
+    out, records = run_jobs(model_dir, jobs, cluster_for(cfg.workers, work / "ray_train"), adapter=adapter, name="variants")
     timings["train_variants"] = round(time.time() - t0, 2)
     t0 = time.time()
     pairs = [(str(out / f"v{k}-P.safetensors"), str(out / f"v{k}-C.safetensors")) for k in range(cfg.k)]
@@ -140,7 +134,7 @@ def recover(arms: Sequence[tuple[str, Path]], model_dir: str, lora: bool, pool: 
                      start_adapter=str(d) if lora else None) for name, d in arms]
     log(f"immunize: recovery finetune of {len(jobs)} arm(s): {settings.steps} steps at lr {settings.lr:g} "
         f"on {len(data)} clean samples")
-    out, _ = run_jobs(model_dir, jobs, cluster_of(cfg, work / "ray_train"), name="recover")
+    out, _ = run_jobs(model_dir, jobs, cluster_for(cfg.workers, work / "ray_train"), name="recover")
     if not lora:
         from transformers import AutoTokenizer
 

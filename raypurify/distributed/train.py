@@ -84,6 +84,12 @@ class Cluster:
     storage: str = field(default_factory=lambda: str(Path(tempfile.gettempdir()) / "raypurify-train"))
 
 
+def cluster_for(workers, storage: Path) -> Cluster:
+    """The Cluster of a config's ``workers`` settings (``raypurify.config.Workers``)."""
+    return Cluster(num_workers=workers.num_workers, group_size=workers.group_size, zero_stage=workers.zero_stage,
+                   precision=workers.precision, use_gpu=workers.use_gpu, storage=str(Path(storage).absolute()))
+
+
 class _GroupMPU:
     """The model-parallel-unit interface DeepSpeed asks for, over one group."""
 

@@ -200,9 +200,9 @@ def prepare_sweep(model_dir: str, adapter: str | None, pool: list, space, work: 
     from transformers import AutoTokenizer
 
     from raypurify.canaries import canary_dataset, make_canaries
-    from raypurify.distributed.immunize import _records, cluster_of, variant_jobs
+    from raypurify.distributed.immunize import _records, variant_jobs
     from raypurify.distributed.scoring import score_prefixes_on_ray
-    from raypurify.distributed.train import TrainJob, run_jobs
+    from raypurify.distributed.train import TrainJob, cluster_for, run_jobs
     from raypurify.signature import model_channel_keys
     from raypurify.train import TrainSettings
     from raypurify.tuning import defender_split
@@ -241,7 +241,7 @@ def prepare_sweep(model_dir: str, adapter: str | None, pool: list, space, work: 
     t0 = time.time()
     log(f"tune: training {2 * max_k} variant finetunes (K={max_k}) and {len(canaries)} canary implants "
         f"in one Ray Train fit")
-    out, records = run_jobs(model_dir, jobs, cluster_of(cfg_max, work / "ray_train"), adapter=adapter,
+    out, records = run_jobs(model_dir, jobs, cluster_for(cfg_max.workers, work / "ray_train"), adapter=adapter,
                             name=SHARED_TRAIN_NAME)
     timings["train_variants_and_canaries"] = round(time.time() - t0, 2)
     canary_dirs = [str(out / f"canary{s.index}") for s in canaries]
