@@ -3,12 +3,17 @@
 1. builds the zoo (first run about 12 minutes on 2 cores; then cached);
 2. implants the BadNets sentiment backdoor into the bench Llama (and its
    clean twin, the oracle reference);
-3. purifies it with the immunization signature: K variant pairs on Ray Train
-   + DeepSpeed, scoring on a Ray Data actor pool, suppression, recovery;
+3. purifies it with the immunization signature as measured on the bench
+   (configs/immunize-bench.yaml: K = 6 first-order variant pairs on Ray
+   Train + DeepSpeed, attention channels scored on a Ray Data actor pool)
+   at three intervention ratios, each suppressed and recovered;
 4. evaluates, on the same triggered and clean held-out prompts, the clean,
    suspicious and purified models beside every control at the same budget
    (finetune only, random and layer-matched random channels over 3 seeds,
-   last-MLP re-initialization, the oracle signature).
+   last-layer re-initialization, the oracle signature).
+
+This is the first cell of `jobs/immunize_bench.py` with the same settings,
+so its table is the README's BadNets row.
 
     python jobs/demo.py [--zoo DIR] [--out DIR] [--smoke-test] [--address ADDR]
 """
@@ -17,8 +22,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from raypurify.config import ImmunizeConfig
+from raypurify.config import ImmunizeConfig, build, load_yaml
 from raypurify.errors import RaypurifyError
+
+# The bench's sweep and evaluation subset (README, "Results on the bench").
+RHOS, MAX_EVAL = [0.004, 0.008, 0.016], 300
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -32,10 +40,9 @@ if __name__ == "__main__":
 
     try:
         build_zoo(a.zoo)
-        # rho 0.5: on this bench even the oracle signature needs about half of
-        # the MLP channels to remove the backdoor (README, "Results"), so a
-        # smaller rho would only show every arm failing.
-        cfg = ImmunizeConfig(rho=0.5)
+        cfg = build(ImmunizeConfig, load_yaml(Path(__file__).parent.parent / "configs" / "immunize-bench.yaml"),
+                    source="configs/immunize-bench.yaml")
+        rhos, max_eval = RHOS, MAX_EVAL
         size, seeds = "bench", 3
         if a.smoke_test:
             size, seeds = "pico", 1
@@ -43,8 +50,9 @@ if __name__ == "__main__":
                 "k": 2, "rho": 0.25, "variants": {"preset": "custom", "n_clean": 64, "poison_rate": 0.2,
                                                   "steps": 10, "lr": 3e-3, "batch_size": 16},
                 "recovery": {"n_samples": 32, "epochs": 1, "batch_size": 16}})
-        run_immunize_bench(a.zoo, a.out, [("badnets", "sentiment", "full")], [cfg.rho], cfg, seeds=seeds,
-                           size=size, address=a.address, overwrite=True)
+            rhos, max_eval = [cfg.rho], None
+        run_immunize_bench(a.zoo, a.out, [("badnets", "sentiment", "full")], rhos, cfg, seeds=seeds,
+                           size=size, address=a.address, overwrite=True, max_eval=max_eval, twins=True)
     except RaypurifyError as e:
         print(f"raypurify: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -28,6 +28,8 @@ if __name__ == "__main__":
                    help="comma-separated attack/behavior/mode cells")
     p.add_argument("--rhos", default="0.03,0.05,0.1", help="comma-separated intervention ratios")
     p.add_argument("--seeds", type=int, default=3, help="seeds of each random control")
+    p.add_argument("--max-eval", type=int, help="evaluate every arm on this seeded subset of the held-out set")
+    p.add_argument("--twins", action="store_true", help="train missing clean twins for the oracle (~150 s a cell)")
     p.add_argument("--address", help="Ray cluster address (default: embedded local Ray)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--smoke-test", action="store_true", help="one pico cell, one rho, tiny budgets")
@@ -47,7 +49,8 @@ if __name__ == "__main__":
         if any(len(c) != 3 for c in cells):
             raise RaypurifyError(f"--cells takes attack/behavior/mode items, got {a.cells!r}")
         run_immunize_bench(a.zoo, a.out, cells, [float(r) for r in a.rhos.split(",")], cfg, seeds=a.seeds,
-                           size=size, address=a.address, overwrite=a.overwrite)
+                           size=size, address=a.address, overwrite=a.overwrite,
+                           max_eval=a.max_eval, twins=a.twins or a.smoke_test)
     except RaypurifyError as e:
         print(f"raypurify: error: {e}", file=sys.stderr)
         sys.exit(2)

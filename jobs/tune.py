@@ -1,14 +1,17 @@
-"""Immunization sweep on Ray Tune, chosen blind with canary backdoors (Ray job).
+"""Blind sweep on Ray Tune, chosen with canary backdoors (Ray job).
 
-Same flags as `raypurify tune` (see `raypurify tune --help`):
+Same flags as `raypurify tune` (see `raypurify tune --help`); the space
+file's `kind` picks immunization (the default), conflict-merge coefficients
+(tune_spaces/conflict.yaml) or both (tune_spaces/combined.yaml):
 
     ray start --head --include-dashboard=true --dashboard-host=127.0.0.1
     RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
         python jobs/tune.py --space tune_spaces/immunize.yaml --model /abs/suspicious \\
         --clean-data /abs/zoo/clean_pool.json --objective blind --out /abs/tune-out
 
-Writes best.yaml (accepted by `raypurify purify --config`), trials.json,
-trials.md, pareto.png and the Tune storage ray_tune/ under --out.
+Writes best.yaml (accepted by `raypurify purify --config`; a combined sweep
+adds best-conflict.yaml and best-immunize.yaml), trials.json, trials.md,
+pareto.png and the Tune storage ray_tune/ under --out.
 `--smoke-test` builds the pico zoo and a BadNets pico model under --out's
 parent and sweeps 4 tiny trials with the benchmark objective (a few minutes
 on 2 cores).

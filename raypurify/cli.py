@@ -24,6 +24,7 @@ def _registries():
     from raypurify.arch import ARCHITECTURES, SIZES
     from raypurify.defenses import defenses
     from raypurify.attacks import ATTACKS, BEHAVIORS
+    from raypurify.config import SWEEPS
     from raypurify.conflict import MERGES
     from raypurify.evidence import PROVIDERS
 
@@ -37,6 +38,7 @@ def _registries():
         "sizes": {k: f"hidden {v.hidden}, {v.layers} layers, {v.heads} heads, MLP {v.intermediate}" for k, v in SIZES.items()},
         "merges": {k: v.describe for k, v in MERGES.items()},
         "providers": {k: v.describe for k, v in PROVIDERS.items()},
+        "spaces": {k: v.describe for k, v in SWEEPS.items()},
     }
 
 
@@ -167,10 +169,11 @@ def cmd_compare(args) -> None:
 
 
 def cmd_tune(args) -> None:
-    from raypurify.config import ImmunizeSpace, build, load_yaml
+    from raypurify.config import SWEEPS, load_space
     from raypurify.io import check_model_dir, load_examples
 
-    space = build(ImmunizeSpace, load_yaml(args.space), source=f"search space {args.space}")
+    # The file's `kind` picks the sweep: immunize (the default), conflict or combined.
+    space = load_space(args.space)
     if args.objective == "benchmark" and not (args.attack and args.behavior):
         raise RaypurifyError("--objective benchmark measures the real backdoor: pass --attack and --behavior")
     check_model_dir(args.model)
@@ -179,15 +182,18 @@ def cmd_tune(args) -> None:
     if args.objective == "benchmark":
         heldout = load_examples(args.heldout or default_data(args.adapter or args.model, "heldout.json"),
                                 "held-out data")
-    check_loadable(args.model, args.adapter, scopes=set(space.values("scope")))
-    from raypurify.distributed.tune import check_sweep_inputs, tune_immunize
+    check_loadable(args.model, args.adapter, scopes=space.scopes())
+    from raypurify.distributed.tune import check_sweep_inputs
 
     check_sweep_inputs(space, len(pool), "lora" if args.adapter else "full")
-    r = tune_immunize(space, args.model, args.adapter, pool, args.out, objective=args.objective, attack=args.attack,
-                      behavior=args.behavior, heldout=heldout, address=args.address, overwrite=args.overwrite)
+    sweep = SWEEPS[space.kind]
+    r = sweep.load()(space, args.model, args.adapter, pool, args.out, objective=args.objective, attack=args.attack,
+                     behavior=args.behavior, heldout=heldout, address=args.address, overwrite=args.overwrite)
     if r["chosen"] is not None:
-        print(f"chosen: {r['statement']}; written to {Path(args.out) / 'best.yaml'} "
-              f"(raypurify purify --config {Path(args.out) / 'best.yaml'})")
+        files = ["best.yaml"] if len(sweep.defenses) == 1 else [f"best-{d}.yaml" for d in sweep.defenses]
+        use = " then ".join(f"raypurify purify --defense {d} --config {Path(args.out) / f}"
+                            for d, f in zip(sweep.defenses, files))
+        print(f"chosen: {r['statement']}; written to {Path(args.out) / 'best.yaml'} ({use})")
 
 
 def cmd_serve(args) -> None:
@@ -331,8 +337,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(fn=cmd_compare)
 
-    s = sub.add_parser("tune", help="sweep immunization settings on Ray Tune and choose one blind (canary backdoors)")
-    s.add_argument("--space", required=True, help="search space YAML (see tune_spaces/immunize.yaml)")
+    s = sub.add_parser("tune", help="sweep immunization settings, conflict merge coefficients or both on Ray Tune "
+                                    "and choose blind (canary backdoors)")
+    s.add_argument("--space", required=True, help="search space YAML; its `kind` (immunize, conflict, combined: "
+                                                  "raypurify list spaces) picks the sweep (see tune_spaces/)")
     s.add_argument("--model", required=True, help="suspicious model directory (the base, with --adapter)")
     s.add_argument("--adapter", help="suspicious PEFT adapter (adapter-only threat model)")
     s.add_argument("--clean-data", required=True, help="the defender's clean data (a held-out slice is split off)")

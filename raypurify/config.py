@@ -7,6 +7,7 @@ unknown.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
@@ -15,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from raypurify.attacks import ATTACKS, BEHAVIORS
 from raypurify.errors import RaypurifyError
+from raypurify.registry import Registry
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -101,21 +103,39 @@ class VariantRegime(Strict):
     The prototype found variants trained like the implant (its learning rate,
     poison rate and relative steps) give a better signature than generic
     ones; ``implant_like`` presets that regime, ``generic`` a shorter one.
+
+    ``first_order`` trains each pair for one epoch with plain SGD and no
+    clipping, so theta(P_k) - theta(C_k) is the learning rate times the
+    summed gradient differences of the poisoned copies against their clean
+    originals. Why: on the 8-layer bench, two AdamW runs that differ in 10 %
+    of their samples drift apart everywhere (Adam's per-coordinate step is
+    about lr whatever the gradient), so the AdamW difference was twice the
+    clean finetune's own drift, spread evenly over units, and ranked the
+    layer-0 heads that carry the real BadNets backdoor LAST; the gradient
+    difference ranks exactly those heads first (README, "Why the signature
+    missed"). Cheaper too: 21 steps a variant instead of 100.
     """
 
-    preset: Literal["implant_like", "generic", "custom"] = "implant_like"
+    preset: Literal["implant_like", "generic", "first_order", "custom"] = "implant_like"
     n_clean: int | None = Field(None, ge=2, description="clean subset per variant (default: per preset)")
     poison_rate: float | None = Field(None, gt=0, lt=1, description="poisoned copies / all samples")
     steps: int | None = Field(None, ge=1)
     lr: float | None = Field(None, gt=0, lt=1, description="default: per preset and threat model")
+    optimizer: Literal["adamw", "sgd"] | None = Field(None, description="default: per preset")
     batch_size: int = Field(32, ge=1)
 
     PRESETS: ClassVar[dict] = {
         # The bench attack: 10 % poison, 300 steps of 2,000 samples at lr 5e-4
         # (full) / 2e-3 (LoRA); a variant keeps the rate and lr at a third
         # of the steps on a smaller subset.
-        "implant_like": {"n_clean": 600, "poison_rate": 0.1, "steps": 100, "lr": {"full": 5e-4, "lora": 2e-3}},
-        "generic": {"n_clean": 200, "poison_rate": 0.2, "steps": 40, "lr": {"full": 1e-3, "lora": 2e-3}},
+        "implant_like": {"n_clean": 600, "poison_rate": 0.1, "steps": 100, "lr": {"full": 5e-4, "lora": 2e-3},
+                         "optimizer": "adamw"},
+        "generic": {"n_clean": 200, "poison_rate": 0.2, "steps": 40, "lr": {"full": 1e-3, "lora": 2e-3},
+                    "optimizer": "adamw"},
+        # One epoch of the 667-sample pair set at batch 32; the SGD rate only
+        # scales every delta alike (it keeps the pair close to first order).
+        "first_order": {"n_clean": 600, "poison_rate": 0.1, "steps": 21, "lr": {"full": 1e-2, "lora": 1e-2},
+                        "optimizer": "sgd"},
     }
 
     def resolved(self, key: str, mode: str):
@@ -123,6 +143,8 @@ class VariantRegime(Strict):
         if v is not None:
             return v
         if self.preset == "custom":
+            if key == "optimizer":
+                return "adamw"
             raise RaypurifyError(f"variant regime 'custom' needs {key}")
         v = self.PRESETS[self.preset][key]
         return v[mode] if isinstance(v, dict) else v
@@ -168,7 +190,8 @@ class ImmunizeConfig(Strict):
     lam: float = Field(0.01, ge=0, description="weight of the alignment term (combined mode)")
     scoring: Literal["norm", "align", "combined"] = "combined"
     per_layer: bool = Field(False, description="top-rho of every layer instead of global")
-    scope: Literal["mlp", "heads"] = Field("mlp", description="units: MLP channels or attention heads")
+    scope: Literal["mlp", "heads", "attn"] = Field("mlp", description="units: MLP channels, attention heads or "
+                                                                      "attention channels")
     seed: int = 0
     variants: VariantRegime = VariantRegime()
     recovery: Recovery = Recovery()
@@ -327,29 +350,52 @@ class Asha(Strict):
     reduction_factor: float = Field(2.0, gt=1)
 
 
-class ImmunizeSpace(Strict):
-    """A Ray Tune search space over ImmunizeConfig (tune_spaces/immunize.yaml)."""
+class SweepSpace(Strict):
+    """What every blind sweep's space shares (``tune_spaces/*.yaml``).
+
+    A subclass names the config a trial builds (``config_class``) and the
+    dotted keys it may sweep (``keys``); the validation below is the same for
+    every kind, so each reports all its problems in one message.
+    """
 
     search: Literal["grid", "random", "optuna"] = "grid"
     num_samples: int = Field(1, ge=1, description="grid: repeats of the grid; random/optuna: points drawn")
     max_concurrent: int = Field(2, ge=1, description="trials at a time (one CPU each)")
-    fixed: dict[str, Any] = Field(default_factory=dict, description="ImmunizeConfig fields shared by every trial")
+    fixed: dict[str, Any] = Field(default_factory=dict, description="fields of the trial's config shared by "
+                                                                    "every trial")
     space: dict[str, list[Any] | Range] = Field(min_length=1)
     canaries: CanarySettings = Field(default_factory=CanarySettings)
     utility: UtilityBudget = Field(default_factory=UtilityBudget)
-    asha: Asha = Field(default_factory=Asha)
+
+    @classmethod
+    def config_class(cls) -> type[Strict]:
+        raise NotImplementedError
+
+    @classmethod
+    def keys(cls) -> dict[str, str]:
+        """Sweepable dotted keys -> ``float``, ``int`` or ``choice``."""
+        raise NotImplementedError
+
+    def kind_problems(self) -> list[str]:
+        """Checks only one kind needs (added to the shared ones)."""
+        return []
+
+    def scopes(self) -> set[str]:
+        """Unit scopes the sweep's signatures use (checked against the model up front)."""
+        return set()
 
     @model_validator(mode="after")
     def _points_validate(self):
-        from raypurify.tuning import SPACE_KEYS, flat, merge, nested
+        from raypurify.tuning import flat, merge, nested
 
+        keys, config = self.keys(), self.config_class()
         problems = []
-        unknown = sorted(set(self.space) - set(SPACE_KEYS))
+        unknown = sorted(set(self.space) - set(keys))
         if unknown:
-            problems.append(f"space: unknown key(s) {unknown}; valid: {', '.join(SPACE_KEYS)}")
+            problems.append(f"space: unknown key(s) {unknown}; valid: {', '.join(keys)}")
         base = self.fixed
         try:
-            ImmunizeConfig.model_validate(self.fixed)
+            config.model_validate(self.fixed)
         except ValidationError as e:
             problems += [f"fixed.{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()]
             base = {}  # judge the swept values on their own, not by fixed's problems again
@@ -357,13 +403,13 @@ class ImmunizeSpace(Strict):
         if both:
             problems.append(f"{both} both fixed and swept; keep each in one place")
         for key, values in self.space.items():
-            if key not in SPACE_KEYS:
+            if key not in keys:
                 continue
             if isinstance(values, Range):
                 if self.search == "grid":
                     problems.append(f"space.{key}: grid search takes lists; use search: random or optuna for "
                                     "{low, high} ranges")
-                if SPACE_KEYS[key] != "float":
+                if keys[key] != "float":
                     problems.append(f"space.{key}: takes a list of values, not a range")
                 if values.low > values.high or (values.log and values.low <= 0):
                     problems.append(f"space.{key}: need 0 < low <= high for a log range, low <= high otherwise")
@@ -372,12 +418,13 @@ class ImmunizeSpace(Strict):
                 points = values
                 if not values:
                     problems.append(f"space.{key}: empty list")
-            # Every value must make a valid config on its own (rho in (0, 1), K >= 2, ...).
+            # Every value must make a valid config on its own (rho in (0, 1), t in [0, 1], ...).
             for v in points:
                 try:
-                    ImmunizeConfig.model_validate(merge(base, nested({key: v})))
+                    config.model_validate(merge(base, nested({key: v})))
                 except ValidationError as e:
                     problems.append(f"space.{key}={v!r}: {e.errors()[0]['msg']}")
+        problems += self.kind_problems()
         if self.search == "optuna":
             import importlib.util
 
@@ -396,6 +443,153 @@ class ImmunizeSpace(Strict):
             return [flat(self.base().model_dump()).get(key)]
         return [v.low, v.high] if isinstance(v, Range) else list(v)
 
-    def base(self) -> ImmunizeConfig:
+    def base(self):
         """The config every trial starts from (``fixed`` on the defaults)."""
-        return ImmunizeConfig.model_validate(self.fixed)
+        return self.config_class().model_validate(self.fixed)
+
+
+def _no_mergekit_yaml(fixed: dict, where: str) -> list[str]:
+    # A plain mergekit YAML replaces `merge`: every trial would run the same merge.
+    if isinstance(fixed, dict) and fixed.get("mergekit_config") is not None:
+        return [f"{where}mergekit_config: a sweep varies the merge settings, which a mergekit YAML replaces; "
+                "sweep merge.* instead"]
+    return []
+
+
+class ImmunizeSpace(SweepSpace):
+    """A Ray Tune search space over ImmunizeConfig (tune_spaces/immunize.yaml)."""
+
+    kind: Literal["immunize"] = Field("immunize", description="sweep kind (files without one are immunize)")
+    asha: Asha = Field(default_factory=Asha)
+
+    @classmethod
+    def config_class(cls):
+        return ImmunizeConfig
+
+    @classmethod
+    def keys(cls):
+        from raypurify.tuning import SPACE_KEYS
+
+        return SPACE_KEYS
+
+    def scopes(self) -> set[str]:
+        return set(self.values("scope"))
+
+
+class ConflictSpace(SweepSpace):
+    """A search space over the conflict defense's merge coefficients (tune_spaces/conflict.yaml).
+
+    The conflict LoRA is trained once per model before Tune starts, so only
+    the merge settings (``CONFLICT_KEYS``) are swept; a trial runs once (no
+    epochs, hence no ASHA).
+    """
+
+    kind: Literal["conflict"] = "conflict"
+
+    @classmethod
+    def config_class(cls):
+        from raypurify.conflict import ConflictConfig
+
+        return ConflictConfig
+
+    @classmethod
+    def keys(cls):
+        from raypurify.tuning import CONFLICT_KEYS
+
+        return CONFLICT_KEYS
+
+    def kind_problems(self) -> list[str]:
+        return _no_mergekit_yaml(self.fixed, "fixed.")
+
+
+class CombinedSpace(SweepSpace):
+    """Immunization settings and merge coefficients in one sweep (tune_spaces/combined.yaml).
+
+    ``fixed`` and ``space`` name every key under its defense (``immunize.rho``,
+    ``conflict.merge.t``); the order of the two steps is documented in
+    ``raypurify.conflict.CombinedConfig``.
+    """
+
+    kind: Literal["combined"] = "combined"
+    asha: Asha = Field(default_factory=Asha)
+
+    @classmethod
+    def config_class(cls):
+        from raypurify.conflict import CombinedConfig
+
+        return CombinedConfig
+
+    @classmethod
+    def keys(cls):
+        from raypurify.tuning import COMBINED_KEYS
+
+        return COMBINED_KEYS
+
+    def kind_problems(self) -> list[str]:
+        return _no_mergekit_yaml(self.fixed.get("conflict"), "fixed.conflict.")
+
+    def scopes(self) -> set[str]:
+        return set(self.values("immunize.scope"))
+
+    def immunize_part(self) -> ImmunizeSpace:
+        """The immunization half as an ImmunizeSpace, for the shared work of ``prepare_sweep``.
+
+        Built without validation: the whole space was validated, and the half
+        may sweep nothing (a combined sweep of merge coefficients alone).
+        """
+        return ImmunizeSpace.model_construct(
+            search=self.search, num_samples=self.num_samples, max_concurrent=self.max_concurrent,
+            fixed=self.fixed.get("immunize", {}), canaries=self.canaries, utility=self.utility, asha=self.asha,
+            space={k.removeprefix("immunize."): v for k, v in self.space.items() if k.startswith("immunize.")})
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """One kind of blind sweep (``raypurify tune``).
+
+    Attributes:
+        describe: One line for ``raypurify list spaces``.
+        space: Its space class.
+        entry: ``module:function`` that runs it (imported on use: it imports Ray).
+        defenses: The ``raypurify purify --defense`` runs that reproduce the
+            chosen trial, in order (``best.yaml`` says how).
+    """
+
+    describe: str
+    space: type[SweepSpace]
+    entry: str
+    defenses: tuple[str, ...]
+
+    def load(self):
+        import importlib
+
+        module, fn = self.entry.split(":")
+        return getattr(importlib.import_module(module), fn)
+
+
+SWEEPS: Registry[Sweep] = Registry("sweep kind", {
+    "immunize": Sweep("immunization settings (rho, K, scoring, scope, recovery); tune_spaces/immunize.yaml",
+                      ImmunizeSpace, "raypurify.distributed.tune:tune_immunize", ("immunize",)),
+    "conflict": Sweep("information-conflict merge coefficients (method, t, density, lambda; adapter "
+                      "combination); tune_spaces/conflict.yaml",
+                      ConflictSpace, "raypurify.distributed.tune:tune_conflict", ("conflict",)),
+    "combined": Sweep("conflict merge, then immunization, swept together; tune_spaces/combined.yaml",
+                      CombinedSpace, "raypurify.distributed.tune:tune_combined", ("conflict", "immunize")),
+})
+
+
+def load_space(path: str | Path) -> SweepSpace:
+    """Reads a search space file and validates it as the kind it names.
+
+    ``kind:`` picks the space class; a file without one is an immunization
+    space (written before there were other kinds).
+
+    Raises:
+        RaypurifyError: An unknown kind (naming the valid ones) or every
+            problem of the space in one message.
+    """
+    data = load_yaml(path)
+    kind = data.get("kind", "immunize")
+    if kind not in list(SWEEPS):
+        raise RaypurifyError(f"search space {path}: unknown kind {kind!r}; valid kinds: {', '.join(SWEEPS)}")
+    return build(SWEEPS[kind].space, data, source=f"search space {path}")

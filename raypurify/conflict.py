@@ -2,8 +2,9 @@
 
 The defense of "Neutralizing Backdoors through Information Conflicts for
 Large Language Models" (Chen et al.), sections 3.3-3.4. This module holds what
-needs neither Ray nor files: the settings (``ConflictConfig``), the merge-method
-registry (``MERGES``) that turns settings into a mergekit configuration, the
+needs neither Ray nor files: the settings (``ConflictConfig``; ``CombinedConfig``
+for a merge followed by immunization), the merge-method registry
+(``MERGES``) that turns settings into a mergekit configuration, the
 compatibility check of two model configs, and plain-tensor versions of the
 merges (linear, SLERP, TIES) that the tests hold mergekit's output against.
 The mergekit and peft calls live in ``raypurify.merge``; the orchestration
@@ -18,7 +19,7 @@ from typing import Any, Callable, Literal, Sequence
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from raypurify.config import Strict, Workers
+from raypurify.config import ImmunizeConfig, Strict, Workers
 from raypurify.errors import RaypurifyError
 from raypurify.registry import Registry
 
@@ -275,6 +276,33 @@ class ConflictConfig(Strict):
 
     def adapter_weights(self) -> tuple[float, float]:
         return self.weights if self.weights is not None else (1 - self.merge.t, self.merge.t)
+
+
+class CombinedConfig(Strict):
+    """The conflict merge followed by immunization (the ``combined`` sweep; ``tune_spaces/combined.yaml``).
+
+    Order: merge first, then suppress the signature and recover. Two reasons.
+    (1) The recovery finetune comes last, so it repairs the utility both
+    steps cost, and a trial still reports once per recovery epoch (ASHA stops
+    it the same way as an immunization trial). (2) Both expensive pieces are
+    trained once, on the models before any trial touches them: the variants
+    (hence the signature) on the suspicious model, the conflict LoRA on each
+    model (suspicious and every canary). Merging first applies the LoRA to
+    the model it was trained on, exactly as ``purify --defense conflict`` does;
+    what is approximated is the signature, computed on the suspicious model
+    but applied to its merge, which differs from it only by the trial's share
+    of a low-rank clean-data update. The other order would apply the LoRA to
+    a model with rho of its channels re-drawn and then recovered, a larger
+    gap. The chosen trial is reproduced by ``raypurify purify --defense
+    conflict`` and then ``--defense immunize`` on its output, with the two
+    sections of ``best.yaml``.
+    """
+
+    conflict: ConflictConfig = ConflictConfig()
+    immunize: ImmunizeConfig = ImmunizeConfig()
+
+    def min_clean(self) -> int:
+        return max(self.conflict.min_clean(), self.immunize.min_clean())
 
 
 def substitute(template: str, paths: dict[str, str | None]) -> str:

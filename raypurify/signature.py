@@ -11,8 +11,14 @@ column c of the output projection's LoRA A.
 
 With ``scope="heads"`` the unit is an attention head instead: its block of
 rows in q/k/v (GPT-NeoX: its block of the fused query_key_value) and its
-block of columns in o_proj (attention.dense). Everything downstream (scores,
-selection, suppression, controls) is the same code over a different unit.
+block of columns in o_proj (attention.dense). With ``scope="attn"`` it is an
+attention channel, the attention analogue of an MLP channel: row c of q, k
+and v and column c of o_proj (separate q/k/v projections only). A whole head
+turned out too coarse on the bench: the layer-0 heads that carry the BadNets
+trigger also carry much of the model's skill, and re-drawing one cost 20+
+CDA points that the light recovery could not repair. Everything downstream
+(scores, selection, suppression, controls) is the same code over a
+different unit.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from raypurify.arch import ArchSpec
 
 Mode = Literal["norm", "align", "combined"]
 SCORING_MODES: tuple[str, ...] = ("norm", "align", "combined")
-SCOPES: tuple[str, ...] = ("mlp", "heads")
+SCOPES: tuple[str, ...] = ("mlp", "heads", "attn")
 
 
 @dataclass(frozen=True)
@@ -67,14 +73,15 @@ def layer_keys(spec: ArchSpec, layer: int, lora: bool = False, bias_keys: Sequen
             projections, ``...lora_A.weight`` columns for the output one).
         bias_keys: All keys of the state dict; input-projection biases found
             among them are included (full model only).
-        scope: ``mlp`` (intermediate channels) or ``heads`` (attention heads).
+        scope: ``mlp`` (intermediate channels), ``heads`` (attention heads)
+            or ``attn`` (attention channels).
         head_dim: Rows per head in each of q/k/v (``heads`` scope).
     """
     ins, out = (spec.mlp_in, spec.mlp_out) if scope == "mlp" else (spec.attn_in, spec.attn_out)
     # A fused QKV projection (GPT-NeoX) lays its rows out head by head, each
     # head's q, k and v together: 3 * head_dim rows per head.
-    g_in = 1 if scope == "mlp" else head_dim * (3 if len(ins) == 1 else 1)
-    g_out = 1 if scope == "mlp" else head_dim
+    g_in = head_dim * (3 if len(ins) == 1 else 1) if scope == "heads" else 1
+    g_out = head_dim if scope == "heads" else 1
     prefix = f"{spec.layers_path}.{layer}."
     if lora:
         # Key names of an in-memory PeftModel (adapter "default"), which is
@@ -208,10 +215,19 @@ def reinit_channels(tensors: Mapping[str, torch.Tensor], keys: ChannelKeys, chan
 @torch.no_grad()
 def zero_channels(tensors: Mapping[str, torch.Tensor], keys: ChannelKeys, channels: torch.Tensor) -> None:
     """Zeros the selected channels of one layer in place (LoRA B rows / A columns)."""
+    copy_channels(tensors, {k: torch.zeros_like(tensors[k]) for k in keys.rows + keys.cols}, keys, channels)
+
+
+@torch.no_grad()
+def copy_channels(tensors: Mapping[str, torch.Tensor], source: Mapping[str, torch.Tensor], keys: ChannelKeys,
+                  channels: torch.Tensor) -> None:
+    """Sets the selected channels of one layer to ``source``'s values, in place."""
     for k in keys.rows:
-        tensors[k][_expand(channels, keys.group(k)).to(tensors[k].device)] = 0
+        idx = _expand(channels, keys.group(k)).to(tensors[k].device)
+        tensors[k][idx] = source[k][idx].to(tensors[k])
     for k in keys.cols:
-        tensors[k][:, _expand(channels, keys.group(k)).to(tensors[k].device)] = 0
+        idx = _expand(channels, keys.group(k)).to(tensors[k].device)
+        tensors[k][:, idx] = source[k][:, idx].to(tensors[k])
 
 
 def model_channel_keys(model, lora: bool = False, scope: str = "mlp") -> tuple[list[ChannelKeys], list[int]]:
@@ -220,12 +236,13 @@ def model_channel_keys(model, lora: bool = False, scope: str = "mlp") -> tuple[l
     Args:
         model: The model (a PeftModel with ``lora``).
         lora: Units of the adapter's LoRA matrices.
-        scope: ``mlp`` channels or attention ``heads``.
+        scope: ``mlp`` channels, attention ``heads`` or ``attn`` channels.
 
     Raises:
         RaypurifyError: The architecture's module names are unknown, a LoRA
-            adapter does not adapt the projections, or (heads) the key/value
-            heads are shared (grouped-query attention).
+            adapter does not adapt the projections, (heads, attn) the
+            key/value heads are shared (grouped-query attention), or (attn)
+            q/k/v are one fused projection.
     """
     from raypurify.arch import spec_for
     from raypurify.errors import RaypurifyError
@@ -234,9 +251,12 @@ def model_channel_keys(model, lora: bool = False, scope: str = "mlp") -> tuple[l
     spec = spec_for(config)
     names = set(model.state_dict())
     n_heads = config.num_attention_heads
-    if scope == "heads" and getattr(config, "num_key_value_heads", n_heads) != n_heads:
-        raise RaypurifyError("scope 'heads' needs one key/value head per query head; this model uses "
+    if scope != "mlp" and getattr(config, "num_key_value_heads", n_heads) != n_heads:
+        raise RaypurifyError(f"scope {scope!r} needs one key/value head per query head; this model uses "
                              f"grouped-query attention ({config.num_key_value_heads} kv heads); use scope 'mlp'")
+    if scope == "attn" and len(spec.attn_in) == 1:
+        raise RaypurifyError(f"scope 'attn' needs separate q/k/v projections; {spec.attn_in[0]} fuses them "
+                             "(valid here: mlp, heads)")
     head_dim = config.hidden_size // n_heads
     keys = [layer_keys(spec, layer, lora=lora, bias_keys=names, scope=scope, head_dim=head_dim)
             for layer in range(config.num_hidden_layers)]
@@ -246,7 +266,7 @@ def model_channel_keys(model, lora: bool = False, scope: str = "mlp") -> tuple[l
         what = "adapter does not adapt" if lora else "model lacks"
         raise RaypurifyError(f"the {what} the {scope} projections: missing {missing[0]} (and {len(missing) - 1} "
                              f"more); raypurify looks for {', '.join(mods)} in {spec.layers_path}")
-    per_layer = config.intermediate_size if scope == "mlp" else n_heads
+    per_layer = {"mlp": config.intermediate_size, "heads": n_heads, "attn": n_heads * head_dim}[scope]
     return keys, [per_layer] * config.num_hidden_layers
 
 
@@ -260,7 +280,7 @@ def suppress(model, signature: Sequence[torch.Tensor], lora: bool = False, seed:
         signature: One index tensor per layer.
         lora: Units of the LoRA matrices (B rows / A columns).
         seed: Seeds the re-initialization draw.
-        scope: ``mlp`` channels or attention ``heads``.
+        scope: ``mlp`` channels, attention ``heads`` or ``attn`` channels.
         zero: Zero the units instead of re-drawing them (default: ``lora``;
             the pruning baselines zero full-model channels too).
     """

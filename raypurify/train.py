@@ -34,7 +34,10 @@ class TrainSettings:
         weight_decay: AdamW weight decay.
         seed: Seeds the data order; two runs with the same seed and data see
             the same batches (what makes variant pairs comparable).
-        max_grad_norm: Gradient clipping norm.
+        max_grad_norm: Gradient clipping norm (``None``: no clipping).
+        optimizer: ``adamw``, or plain ``sgd`` (no momentum): the
+            first-order variant regime, where a pair's weight difference is
+            the learning rate times the summed gradient differences.
     """
 
     steps: int
@@ -43,7 +46,17 @@ class TrainSettings:
     warmup: int = 10
     weight_decay: float = 0.0
     seed: int = 0
-    max_grad_norm: float = 1.0
+    max_grad_norm: float | None = 1.0
+    optimizer: str = "adamw"
+
+
+def make_optimizer(params: Sequence[nn.Parameter], settings: TrainSettings) -> torch.optim.Optimizer:
+    """The optimizer ``settings`` names, for the local loop and DeepSpeed alike."""
+    if settings.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    if settings.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    raise ValueError(f"unknown optimizer {settings.optimizer!r}; valid: adamw, sgd")
 
 
 def encode(tokenizer, examples: Sequence[Example], max_len: int = 192) -> list[tuple[list[int], list[int]]]:
@@ -127,8 +140,7 @@ class Finetuner:
         self.loss_fn, self.engine, self.shard = loss_fn, engine, shard
         self.data = encode(tokenizer, examples)
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.opt = None if engine else torch.optim.AdamW(self.params, lr=settings.lr,
-                                                         weight_decay=settings.weight_decay)
+        self.opt = None if engine else make_optimizer(self.params, settings)
         self.plan = batches(len(self.data), settings)
         self.step = 0
         self.losses: list[float] = []
@@ -155,7 +167,8 @@ class Finetuner:
                     group["lr"] = lr
                 loss = self.loss_fn(model, batch)
                 loss.backward()
-                nn.utils.clip_grad_norm_(self.params, self.settings.max_grad_norm)
+                if self.settings.max_grad_norm is not None:
+                    nn.utils.clip_grad_norm_(self.params, self.settings.max_grad_norm)
                 self.opt.step()
                 self.opt.zero_grad(set_to_none=True)
             new.append(float(loss.detach()))

@@ -11,7 +11,8 @@ with the best choice in hindsight.
 
 Pure Python (plus torch for the rank correlation): no Ray, no files. The
 Ray layer (``raypurify/distributed/tune.py``) feeds it trial records: dicts
-with ``canary_asr``, ``cda_drop``, ``complete`` and the trial's ``point``.
+with ``canary_asr``, ``cda_drop``, ``complete`` and the trial's ``point``,
+whatever the sweep kind (immunization, conflict merge or both).
 """
 
 from __future__ import annotations
@@ -32,6 +33,23 @@ SPACE_KEYS: dict[str, str] = {
     "recovery.lr": "float",
     "recovery.epochs": "int",
 }
+
+# Keys of ConflictConfig a conflict sweep may sweep: the merge coefficients
+# only. The conflict LoRA's own settings (n_samples, epochs, lr, rank) are
+# fixed, because it is trained once, before Tune starts. The adapter weights
+# follow merge.t (``ConflictConfig.adapter_weights``), so sweeping t sweeps them.
+CONFLICT_KEYS: dict[str, str] = {
+    "merge.method": "choice",
+    "merge.t": "float",
+    "merge.density": "float",
+    "merge.lam": "float",
+    "adapter_combination": "choice",
+}
+
+# A combined sweep names each key under the defense it belongs to
+# (``CombinedConfig``: ``immunize.rho``, ``conflict.merge.t``).
+COMBINED_KEYS: dict[str, str] = {**{f"immunize.{k}": v for k, v in SPACE_KEYS.items()},
+                                 **{f"conflict.{k}": v for k, v in CONFLICT_KEYS.items()}}
 
 
 def nested(point: Mapping[str, Any]) -> dict[str, Any]:
@@ -111,9 +129,13 @@ def within_budget(trial: Mapping[str, Any], max_cda_drop: float) -> bool:
     return trial["cda_drop"] <= max_cda_drop + 1e-9
 
 
+# What "milder" means per sweep kind: less suppressed, then less merged in.
+_MILDNESS = ("rho", "immunize.rho", "merge.t", "conflict.merge.t")
+
+
 def _tiebreak(t: Mapping[str, Any]) -> tuple:
     # Equal ASR: the smaller CDA loss, then the milder intervention.
-    return (t["cda_drop"], t["point"].get("rho", 0.0), str(t.get("trial_id", "")))
+    return (t["cda_drop"], *(t["point"].get(k, 0.0) for k in _MILDNESS), str(t.get("trial_id", "")))
 
 
 def choose(trials: Sequence[Mapping[str, Any]], max_cda_drop: float,

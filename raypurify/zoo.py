@@ -48,8 +48,14 @@ def model_name(arch: str, size: str) -> str:
     return f"{arch}-{size}"
 
 
+# TrainSettings fields added after zoos were cached, left out of the key at
+# their default so that a new option does not invalidate every cached model.
+_LATER_DEFAULTS = {"optimizer": "adamw"}
+
+
 def _key(arch: str, size: str) -> str:
-    spec = {"arch": arch, "size": asdict(SIZES[size]), "train": asdict(TRAINING[size]),
+    train = {k: v for k, v in asdict(TRAINING[size]).items() if _LATER_DEFAULTS.get(k, object()) != v}
+    spec = {"arch": arch, "size": asdict(SIZES[size]), "train": train,
             "corpus_seed": CORPUS_SEED, "torch": torch.__version__.split("+")[0]}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 

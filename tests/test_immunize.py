@@ -146,7 +146,8 @@ def test_immunize_bench_runs_every_control_and_tabulates(zoo, tmp_path, local_ra
     cfg = ImmunizeConfig.model_validate({**PICO_IMMUNIZE, "k": 2})
     out = tmp_path / "ib"
     [cell] = run_immunize_bench(str(zoo), str(out), [("vpi", "sentiment", "full")], [0.25], cfg, seeds=2,
-                                size="pico", attack_overrides=PICO_ATTACK)
+                                size="pico", attack_overrides=PICO_ATTACK, max_eval=120, twins=True)
+    assert {r["n_clean"] for r in cell["rows"]} == {120}  # every arm on the same seeded subset
     arms = {(r["arm"], r["seed"]) for r in cell["rows"]}
     assert arms == {("clean model", 0), ("suspicious", 0), ("finetune only", 0), ("last layer", 0), ("purified", 0),
                     ("random", 0), ("random", 1), ("layer-matched random", 0), ("layer-matched random", 1),
@@ -162,3 +163,39 @@ def test_immunize_bench_runs_every_control_and_tabulates(zoo, tmp_path, local_ra
     for s in summarize(cell):
         assert f"| {s['arm']} | {s['rho']:g} | {s['n_suppressed']} | {s['asr']:.3f}" in table
     assert json.loads((out / "immunize.json").read_text())[0]["rows"] == cell["rows"]
+
+
+def test_first_order_variant_pair_differs_by_the_gradient_difference(zoo, poisoned_pico):
+    """One unclipped SGD step on the whole pair set: theta(P) - theta(C) = -lr (grad L_P - grad L_C)."""
+    from raypurify.distributed.immunize import variant_jobs
+    from raypurify.train import TrainSettings, finetune
+    from raypurify.variants import make_variants, pair_datasets
+
+    pool = load_examples(zoo / "clean_pool.json")
+    jobs = variant_jobs(ImmunizeConfig(k=2, variants={"preset": "first_order"}), pool, "full", ["x"])
+    assert {(j.settings.optimizer, j.settings.max_grad_norm) for j in jobs} == {("sgd", None)}
+    poisoned, clean = pair_datasets(make_variants(2)[0], pool, 24, 4)
+    lr = 0.05
+    settings = TrainSettings(steps=1, batch_size=len(poisoned), lr=lr, warmup=0, optimizer="sgd", max_grad_norm=None)
+
+    def trained(data):
+        model, tok = load_model(poisoned_pico)
+        finetune(model, tok, data, settings)
+        return model.state_dict(), tok
+
+    (p_state, tok), (c_state, _) = trained(poisoned), trained(clean)
+
+    def grads(data):
+        from raypurify.train import collate, encode
+
+        model, _ = load_model(poisoned_pico)
+        model(**collate(encode(tok, data), tok.pad_token_id)).loss.backward()
+        return {k: p.grad for k, p in model.named_parameters()}
+
+    gp, gc = grads(poisoned), grads(clean)
+    moved = 0
+    for k in gp:
+        expected = -lr * (gp[k] - gc[k])
+        torch.testing.assert_close(p_state[k] - c_state[k], expected, atol=2e-6, rtol=1e-3)
+        moved += float(expected.abs().sum() > 0)
+    assert moved == len(gp)  # every tensor sees the poisoned copies

@@ -186,3 +186,31 @@ def test_head_units_own_their_row_and_column_blocks(arch):
     for k in keys.cols:
         assert torch.all(t[k][:, hd:2 * hd] == 0) and torch.equal(t[k][:, :hd], before[k][:, :hd])
     assert _expand(torch.tensor([0, 2]), 3).tolist() == [0, 1, 2, 6, 7, 8]
+
+
+def test_attention_channels_are_single_rows_and_columns():
+    from raypurify.signature import copy_channels
+
+    keys = layer_keys(ARCHITECTURES["llama"], 0, scope="attn", head_dim=4)
+    assert [k.split(".")[-2] for k in keys.rows] == ["q_proj", "k_proj", "v_proj"] and keys.groups == ()
+    t = {k: torch.randn(8, 8) for k in keys.rows + keys.cols}
+    before = {k: v.clone() for k, v in t.items()}
+    source = {k: torch.full((8, 8), 7.0) for k in t}
+    copy_channels(t, source, keys, torch.tensor([2, 5]))
+    for k in keys.rows:
+        assert torch.all(t[k][[2, 5]] == 7) and torch.equal(t[k][[0, 1, 3, 4, 6, 7]], before[k][[0, 1, 3, 4, 6, 7]])
+    for k in keys.cols:
+        assert torch.all(t[k][:, [2, 5]] == 7) and torch.equal(t[k][:, :2], before[k][:, :2])
+
+
+def test_attention_channels_refuse_fused_qkv(tmp_path):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from raypurify.errors import RaypurifyError
+    from raypurify.signature import model_channel_keys
+
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=16, num_attention_heads=2, num_hidden_layers=1,
+                                             intermediate_size=32, vocab_size=50))
+    with pytest.raises(RaypurifyError, match="separate q/k/v.*valid here: mlp, heads"):
+        model_channel_keys(model, scope="attn")
+    assert model_channel_keys(model, scope="heads")[1] == [2]

@@ -19,7 +19,7 @@ import ray
 
 from raypurify.config import AttackConfig, build
 from raypurify.errors import RaypurifyError
-from raypurify.io import output_dir
+from raypurify.io import load_examples, output_dir
 from raypurify.progress import log
 from raypurify.zoo import build_zoo, model_name
 
@@ -79,6 +79,20 @@ def _cell(zoo: str, base_name: str, cfg: AttackConfig) -> dict:
 def _clean_cell(zoo: str, base_name: str, pairs: Sequence[tuple[str, str]]) -> list[dict]:
     model, heldout = str(Path(zoo) / base_name), str(Path(zoo) / "heldout.json")
     return [{"attack": a, "behavior": b, "mode": "clean", **evaluate_dir(model, None, heldout, a, b)} for a, b in pairs]
+
+
+def eval_set(heldout: Path, limit: int | None, report: Path) -> str:
+    """The held-out file every defense is evaluated on: all of it, or a seeded subset kept in the report."""
+    if limit is None:
+        return str(heldout)
+    import random
+
+    from raypurify.io import save_examples
+
+    data = load_examples(heldout)
+    random.Random(1234).shuffle(data)
+    save_examples(data[:limit], report / "heldout-subset.json")
+    return str(report / "heldout-subset.json")
 
 
 def init_ray(address: str | None) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 import ray
 
 from raypurify.config import AttackConfig, CompareConfig, build
-from raypurify.distributed.bench import evaluate_dir, evaluate_remote, init_ray, suspicious_model
+from raypurify.distributed.bench import eval_set, evaluate_dir, evaluate_remote, init_ray, suspicious_model
 from raypurify.io import load_examples, output_dir
 from raypurify.progress import log
 from raypurify.zoo import build_zoo, model_name
@@ -30,20 +30,6 @@ from raypurify.zoo import build_zoo, model_name
 def _attack_cfg(cfg: CompareConfig, attack: str, behavior: str, mode: str) -> AttackConfig:
     return build(AttackConfig, {"attack": attack, "behavior": behavior, "mode": mode, **cfg.attack},
                  source=f"cell {attack}/{behavior}/{mode}")
-
-
-def eval_set(heldout: Path, limit: int | None, report: Path) -> str:
-    """The held-out file every defense is evaluated on: all of it, or a seeded subset kept in the report."""
-    if limit is None:
-        return str(heldout)
-    import random
-
-    from raypurify.io import save_examples
-
-    data = load_examples(heldout)
-    random.Random(1234).shuffle(data)
-    save_examples(data[:limit], report / "heldout-subset.json")
-    return str(report / "heldout-subset.json")
 
 
 @ray.remote(num_cpus=1)

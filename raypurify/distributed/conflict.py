@@ -45,20 +45,37 @@ from raypurify.progress import log
 from raypurify.train import TrainSettings
 
 
+def conflict_job(clean: Sequence[Example], cfg: ConflictConfig, name: str = "conflict",
+                 start: str | None = None) -> TrainJob:
+    """The conflict LoRA's finetune as a Ray Train job (run with ``run_jobs(..., lora=lora_of(cfg))``).
+
+    Args:
+        clean: The defender's clean data.
+        cfg: The settings.
+        name: Output directory name in the run.
+        start: Model the LoRA is trained on (default: the run's model).
+    """
+    # The same seeded draw as every recovery finetune's samples.
+    data = [{**e.to_json(), "family": e.family} for e in recovery_set(clean, cfg.n_samples, cfg.seed)]
+    settings = TrainSettings(steps=cfg.steps(), batch_size=cfg.batch_size, lr=cfg.lr, warmup=3, seed=cfg.seed)
+    return TrainJob(name, data, settings, start=start, export=True)
+
+
+def lora_of(cfg: ConflictConfig) -> dict:
+    return {"r": cfg.lora_r, "alpha": cfg.lora_alpha}
+
+
 def train_conflict_lora(model_dir: str, clean: Sequence[Example], cfg: ConflictConfig, work: Path) -> tuple[Path, dict]:
     """Trains a fresh LoRA on ``model_dir`` with clean data, on Ray Train.
 
     Returns:
         ``(adapter directory, training record)``.
     """
-    # The same seeded draw as every recovery finetune's samples.
-    data = [{**e.to_json(), "family": e.family} for e in recovery_set(clean, cfg.n_samples, cfg.seed)]
-    settings = TrainSettings(steps=cfg.steps(), batch_size=cfg.batch_size, lr=cfg.lr, warmup=3, seed=cfg.seed)
+    job = conflict_job(clean, cfg)
     cluster = cluster_for(cfg.workers, work / "ray_train")
-    log(f"conflict: training the conflict LoRA (r={cfg.lora_r}) on {len(data)} clean samples, "
-        f"{settings.steps} steps at lr {settings.lr:g}")
-    out, records = run_jobs(model_dir, [TrainJob("conflict", data, settings, export=True)], cluster,
-                            lora={"r": cfg.lora_r, "alpha": cfg.lora_alpha}, name="conflict")
+    log(f"conflict: training the conflict LoRA (r={cfg.lora_r}) on {len(job.examples)} clean samples, "
+        f"{job.settings.steps} steps at lr {job.settings.lr:g}")
+    out, records = run_jobs(model_dir, [job], cluster, lora=lora_of(cfg), name="conflict")
     return out / "conflict", records[0] if records else {}
 
 

@@ -43,8 +43,12 @@ def variant_jobs(cfg: ImmunizeConfig, pool: Sequence[Example], mode: str, save_k
     n_clean = v.resolved("n_clean", mode)
     rate = v.resolved("poison_rate", mode)
     n_poison = max(1, round(rate * n_clean / (1 - rate)))
+    sgd = v.resolved("optimizer", mode) == "sgd"
+    # SGD pairs stay first order only unclipped: clipping would rescale P_k
+    # and C_k by different factors.
     settings = lambda seed: TrainSettings(steps=v.resolved("steps", mode), batch_size=v.batch_size,  # noqa: E731
-                                          lr=v.resolved("lr", mode), warmup=10, seed=seed)
+                                          lr=v.resolved("lr", mode), warmup=0 if sgd else 10, seed=seed,
+                                          optimizer="sgd" if sgd else "adamw", max_grad_norm=None if sgd else 1.0)
     jobs = []
     for spec in make_variants(cfg.k, seed=cfg.seed):
         poisoned, clean = pair_datasets(spec, pool, n_clean, n_poison)

@@ -12,6 +12,8 @@ parallel Ray tasks. The controls, from the prototype's lessons:
     its heads) re-initialized;
   - oracle: top-rho of ||suspicious - clean twin|| per channel, where the
     bench has the twin, with Spearman and top-rho overlap against it.
+    Twins cost an implant each (~150 s a cell here): the bench trains them
+    only when asked (``twins=True``) and otherwise uses the cached ones.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import ray
 import torch
 
 from raypurify.config import AttackConfig, ImmunizeConfig, build
-from raypurify.distributed.bench import evaluate_remote, init_ray, suspicious_model
+from raypurify.distributed.bench import attacked_dir, eval_set, evaluate_remote, init_ray, suspicious_model
 from raypurify.distributed.immunize import compute_scores, recover, signature_from, suppressed_copies
 from raypurify.errors import RaypurifyError
 from raypurify.io import attach_adapter, load_examples, load_model, output_dir
@@ -71,24 +73,34 @@ def arms_for(sig_by_rho: dict, channels: Sequence[int], oracle, seeds: int) -> l
 
 
 def run_cell(zoo: Path, base: str, attack_cfg: AttackConfig, cfg: ImmunizeConfig, rhos: Sequence[float],
-             seeds: int, work: Path) -> dict:
-    """One attack cell: variants once, every arm recovered and evaluated."""
+             seeds: int, work: Path, heldout: str, twins: bool = False) -> dict:
+    """One attack cell: variants once, every arm recovered and evaluated.
+
+    Args:
+        heldout: The evaluation file (all of the zoo's held-out set or a
+            seeded subset, the same for every arm).
+        twins: Train the clean twin if the bench has none cached.
+    """
     lora = attack_cfg.mode == "lora"
     t0 = time.time()
     susp = suspicious_model(zoo, base, attack_cfg)
-    twin = suspicious_model(zoo, base, attack_cfg, twin=True)
+    cached = attacked_dir(zoo, base, attack_cfg).with_name(attacked_dir(zoo, base, attack_cfg).name + ".twin")
+    twin = suspicious_model(zoo, base, attack_cfg, twin=True) if twins or (cached / "attack.json").is_file() else None
     model_dir, adapter = (str(zoo / base), str(susp)) if lora else (str(susp), None)
     pool = load_examples(zoo / "clean_pool.json")
     timings: dict[str, float] = {"implant": round(time.time() - t0, 1)}
     terms = compute_scores(model_dir, adapter, cfg, pool, work, timings)
     scores, _ = signature_from(terms, cfg)
-    oracle = oracle_scores(str(zoo / base), str(susp), str(twin), lora, cfg.scope)
-    flat_s, flat_o = torch.cat(scores), torch.cat(oracle)
     sig_by_rho = {rho: signature_from(terms, cfg.model_copy(update={"rho": rho}))[1] for rho in rhos}
-    agreement = {"spearman": round(spearman(flat_s, flat_o), 4),
-                 "overlap": {str(r): round(overlap(s, select_top(oracle, r)), 4) for r, s in sig_by_rho.items()},
-                 "signature_layers": {str(r): [int(x.numel()) for x in s] for r, s in sig_by_rho.items()},
-                 "oracle_layers": {str(r): [int(x.numel()) for x in select_top(oracle, r)] for r in rhos}}
+    agreement = {"signature_layers": {str(r): [int(x.numel()) for x in s] for r, s in sig_by_rho.items()},
+                 "signature_units": {str(r): [x.tolist() for x in s] for r, s in sig_by_rho.items()}}
+    oracle = None
+    if twin is not None:
+        oracle = oracle_scores(str(zoo / base), str(susp), str(twin), lora, cfg.scope)
+        agreement.update({
+            "spearman": round(spearman(torch.cat(scores), torch.cat(oracle)), 4),
+            "overlap": {str(r): round(overlap(s, select_top(oracle, r)), 4) for r, s in sig_by_rho.items()},
+            "oracle_layers": {str(r): [int(x.numel()) for x in select_top(oracle, r)] for r in rhos}})
     arms = arms_for(sig_by_rho, terms["channels"], oracle, seeds)
     t0 = time.time()
     nothing = [torch.zeros(0, dtype=torch.long) for _ in terms["channels"]]
@@ -100,7 +112,6 @@ def run_cell(zoo: Path, base: str, attack_cfg: AttackConfig, cfg: ImmunizeConfig
     recovered = recover(starts, model_dir, lora, pool, cfg, work)
     timings["recover"] = round(time.time() - t0, 1)
     t0 = time.time()
-    heldout = str(zoo / "heldout.json")
     a_, b_ = attack_cfg.attack, attack_cfg.behavior
     if lora:
         futures = [evaluate_remote.remote(model_dir, str(recovered / f"arm{i}"), heldout, a_, b_) for i in range(len(arms))]
@@ -145,10 +156,13 @@ def cell_table(cell: dict) -> str:
     rows = sorted(summarize(cell), key=lambda r: (r["rho"] if r["arm"] not in ("clean model", "suspicious", "finetune only", "last layer") else -1,
                                                   ARM_ORDER.index(r["arm"])))
     ag = cell["agreement"]
-    lines = [f"**{cell['attack']} / {cell['behavior']} ({cell['mode']})** — Spearman(signature, oracle) "
-             f"{ag['spearman']:.3f}; top-rho overlap with the oracle: "
-             + ", ".join(f"rho {r}: {v:.2f}" for r, v in ag["overlap"].items()),
-             "", "| arm | rho | channels | ASR | CDA | false act. | seeds |", "|---|---|---|---|---|---|---|"]
+    head = f"**{cell['attack']} / {cell['behavior']} ({cell['mode']})**"
+    if "spearman" in ag:
+        head += (f" — Spearman(signature, oracle) {ag['spearman']:.3f}; top-rho overlap with the oracle: "
+                 + ", ".join(f"rho {r}: {v:.2f}" for r, v in ag["overlap"].items()))
+    else:
+        head += " — no clean twin cached (oracle not computed; `--twins` trains one)"
+    lines = [head, "", "| arm | rho | channels | ASR | CDA | false act. | seeds |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         sd = f" ± {r['asr_sd']:.3f}" if r["n"] > 1 else ""
         lines.append(f"| {r['arm']} | {r['rho']:g} | {r['n_suppressed']} | {r['asr']:.3f}{sd} | {r['cda']:.3f} | "
@@ -156,14 +170,40 @@ def cell_table(cell: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def summary_table(cells: Sequence[dict]) -> str:
+    """Markdown: per cell and rho, purified against each control (ASR, CDA), with means per threat model."""
+    head = ("| cell | rho | suspicious | finetune only | last layer | purified | layer-matched random | random |\n"
+            "|---|---|---|---|---|---|---|---|\n")
+    cols = ["suspicious", "finetune only", "last layer", "purified", "layer-matched random", "random"]
+    lines, per_rho = [], {}
+    for cell in cells:
+        arms = {}
+        for r in summarize(cell):
+            arms.setdefault(r["arm"], {})[r["rho"]] = r
+        for rho in sorted(arms["purified"]):
+            row = [arms[c].get(rho) or next(iter(arms[c].values())) for c in cols]
+            per_rho.setdefault((cell["mode"], rho), []).append(row)
+            fmt = [f"{r['asr']:.3f}" + (f" ± {r['asr_sd']:.3f}" if r["n"] > 1 else "") + f" / {r['cda']:.3f}"
+                   for r in row]
+            lines.append(f"| {cell['attack']} {cell['mode']} | {rho:g} | " + " | ".join(fmt) + " |")
+    for (mode, rho), rows in sorted(per_rho.items()):
+        means = [(sum(r[i]["asr"] for r in rows) / len(rows), sum(r[i]["cda"] for r in rows) / len(rows))
+                 for i in range(len(cols))]
+        lines.append(f"| **mean, {len(rows)} {mode} cells** | {rho:g} | " + " | ".join(f"{a:.3f} / {c:.3f}" for a, c in means) + " |")
+    return "ASR / CDA per arm (random controls: mean ± sd of ASR over seeds).\n\n" + head + "\n".join(lines) + "\n"
+
+
 def run_immunize_bench(zoo: str, out: str, cells: Sequence[tuple[str, str, str]], rhos: Sequence[float],
                        cfg: ImmunizeConfig, seeds: int = 3, arch: str = "llama", size: str = "bench",
                        address: str | None = None, overwrite: bool = False,
-                       attack_overrides: dict | None = None) -> list[dict]:
+                       attack_overrides: dict | None = None, max_eval: int | None = None,
+                       twins: bool = False) -> list[dict]:
     """Runs every cell and writes ``immunize.json`` and ``immunize.md`` to ``out``.
 
     ``attack_overrides`` (AttackConfig fields) changes every cell's implant,
-    e.g. a stronger budget for pico models.
+    e.g. a stronger budget for pico models. ``max_eval`` evaluates every arm
+    on the same seeded subset of the held-out set; ``twins`` trains missing
+    clean twins for the oracle.
     """
     attack_cfgs = [build(AttackConfig, {"attack": a, "behavior": b, "mode": m, **(attack_overrides or {})},
                          source=f"cell {a}/{b}/{m}") for a, b, m in cells]
@@ -176,18 +216,21 @@ def run_immunize_bench(zoo: str, out: str, cells: Sequence[tuple[str, str, str]]
         build_zoo(zoo, archs=[arch], sizes=[size])
         init_ray(address)
         z, base = Path(zoo).absolute(), model_name(arch, size)
+        heldout = eval_set(z / "heldout.json", max_eval, tmp)
         for i, ac in enumerate(attack_cfgs):
             log(f"immunize bench: cell {i + 1}/{len(attack_cfgs)}: {ac.attack}/{ac.behavior} ({ac.mode})")
             work = Path(tempfile.mkdtemp(prefix="rp-ibench-"))
             try:
-                results.append(run_cell(z, base, ac, cfg, rhos, seeds, work))
+                results.append(run_cell(z, base, ac, cfg, rhos, seeds, work, heldout, twins))
             finally:
                 shutil.rmtree(work, ignore_errors=True)
             (tmp / "immunize.json").write_text(json.dumps(results, indent=1))
         text = (f"Bench model {base}; units: {cfg.scope}; K={cfg.k}, scoring {cfg.scoring} (lambda {cfg.lam}), variants "
                 f"{cfg.variants.preset}, recovery {cfg.recovery.n_samples} samples x {cfg.recovery.epochs} epochs; "
-                f"random controls over {seeds} seeds (mean ± sd); wall time {time.time() - started:.0f}s.\n\n")
-        text += "\n".join(cell_table(c) for c in results)
+                f"random controls over {seeds} seeds (mean ± sd); evaluated on "
+                f"{'all of heldout.json' if max_eval is None else f'a seeded {max_eval}-sample subset of heldout.json'}; "
+                f"wall time {time.time() - started:.0f}s.\n\n")
+        text += summary_table(results) + "\n" + "\n".join(cell_table(c) for c in results)
         (tmp / "immunize.md").write_text(text)
     print(text)
     return results

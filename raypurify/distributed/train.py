@@ -31,7 +31,7 @@ import torch
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from raypurify.train import TrainSettings
+from raypurify.train import TrainSettings, make_optimizer
 
 
 @dataclass(frozen=True)
@@ -187,14 +187,13 @@ def _worker(config: dict) -> None:
             "train_batch_size": settings.batch_size,
             "train_micro_batch_size_per_gpu": max(1, settings.batch_size // g),
             "gradient_accumulation_steps": 1,
-            "gradient_clipping": settings.max_grad_norm,
+            "gradient_clipping": settings.max_grad_norm or 0.0,  # 0: DeepSpeed does not clip
             "zero_optimization": {"stage": config["zero_stage"]},
             "bf16": {"enabled": config["precision"] == "bf16"},
             "steps_per_print": 10**9,
         }
         engine, *_ = deepspeed.initialize(model=model, model_parameters=params, mpu=mpu, config=ds_config,
-                                          optimizer=torch.optim.AdamW(params, lr=settings.lr,
-                                                                      weight_decay=settings.weight_decay))
+                                          optimizer=make_optimizer(params, settings))
         examples = [Example(**e) for e in job["examples"]]
         losses = finetune(engine.module, tok, examples, settings, engine=engine, shard=(local, g),
                           desc=f"{job['name']} (rank {rank})")

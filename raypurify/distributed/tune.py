@@ -1,13 +1,16 @@
 """Ray Tune sweeps: the attack budget that calibrates the bench, and the
-immunization settings, chosen blind with canary backdoors.
+defenses' settings, chosen blind with canary backdoors.
 
 Attack sweep: a trial implants one backdoor with its point of the space (a
 Ray Tune function trainable on one CPU) and evaluates it; the sweep's answer
 is the weakest budget that still meets the bar, which is how the bench's
 default attack budget was chosen.
 
-Immunization sweep (``tune_immunize``): see the section below and
-``raypurify/tuning.py`` for the choice rule.
+Blind sweeps (``raypurify tune``; the kinds are ``raypurify.config.SWEEPS``):
+``tune_immunize`` (immunization settings), ``tune_conflict`` (the conflict
+defense's merge coefficients) and ``tune_combined`` (both; merge, then
+immunize). See the section below and ``raypurify/tuning.py`` for the choice
+rule.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ def _trial(config: dict) -> None:
 
 
 def _param_space(space) -> dict:
-    """Tune's search space of an AttackSpace or ImmunizeSpace (flat dotted keys)."""
+    """Tune's search space of an AttackSpace or a sweep space (flat dotted keys)."""
     dims = {}
     for key, v in space.space.items():
         if isinstance(v, list):
@@ -112,14 +115,17 @@ def tune_attack(space: AttackSpace, zoo: str, out: str, arch: str = "llama", siz
     return {"trials": trials, "best": best, "clean": clean}
 
 
-# --- Immunization sweeps with a blind objective (canaries) -----------------
+# --- Blind sweeps (canaries): immunization, conflict merge, both -----------
 #
-# The expensive work is done once, before Tune starts: the variant pairs for
-# the largest K of the space and the canary implants in ONE Ray Train fit,
-# then the score terms once per (K, scope) on the Ray Data actor pool. A
-# trial only selects its signature (cheap, pure), suppresses, recovers in
-# its own process and measures; it launches no trainer, so one CPU per trial
-# cannot deadlock the 2-CPU machine.
+# The expensive work is done once, before Tune starts, by the kind's
+# ``prepare_*``: the canary implants (and, for immunization, the variant
+# pairs for the largest K) in ONE Ray Train fit, the score terms once per
+# (K, scope) on the Ray Data actor pool, and for a conflict merge the
+# conflict LoRA of every model in one more fit. A trial only selects its
+# signature and/or merges at its coefficients, suppresses and recovers in its
+# own process, and measures; it launches no trainer, so one CPU per trial
+# cannot deadlock the 2-CPU machine. ``_run_sweep`` is the same for every
+# kind: Tune, the choice (``raypurify/tuning.py``) and the outputs.
 
 SHARED_TRAIN_NAME = "tune-shared"
 
@@ -138,14 +144,12 @@ def check_sweep_inputs(space, n_pool: int, mode: str) -> None:
     """
     from raypurify.errors import RaypurifyError
 
-    base = space.base()
-    need_rest = max(base.variants.resolved("n_clean", mode), base.recovery.n_samples,
-                    space.canaries.implant.resolved("n_clean", mode))
+    need_rest = max(space.base().min_clean(), space.canaries.implant.resolved("n_clean", mode))
     need = space.utility.heldout + need_rest
     if n_pool < need:
         raise RaypurifyError(f"the clean data has {n_pool} samples; this sweep needs at least {need} "
                              f"({space.utility.heldout} held out for utility and canary ASR + {need_rest} for the "
-                             "variants, canary implants and recovery)")
+                             "canary implants and the defense's own samples: variants, conflict LoRA, recovery)")
 
 
 def _utility(model, tok, held) -> dict:
@@ -189,30 +193,94 @@ def _baseline(model_dir: str, adapter: str | None, held: list[dict], canaries: l
     return out
 
 
+def _split(pool: list, space, seed: int) -> tuple[list, list]:
+    from raypurify.tuning import defender_split
+
+    held_idx, rest_idx = defender_split(len(pool), space.utility.heldout, seed)
+    return [pool[i] for i in held_idx], [pool[i] for i in rest_idx]
+
+
+def canary_jobs(space, rest: list, mode: str, avoid: list = ()) -> tuple[list, list]:
+    """The canary specs of a sweep and the Ray Train jobs that implant them.
+
+    Args:
+        space: A validated sweep space (its ``canaries`` block).
+        rest: Clean data outside the held-out slice.
+        mode: ``full`` or ``lora``.
+        avoid: Variant specs no canary may resemble.
+
+    Returns:
+        ``(specs, jobs)``; job ``canary<i>`` exports canary ``i``'s model or adapter.
+    """
+    from raypurify.canaries import canary_dataset, make_canaries
+    from raypurify.distributed.immunize import _records
+    from raypurify.distributed.train import TrainJob
+    from raypurify.train import TrainSettings
+
+    c = space.canaries
+    canaries = make_canaries(c.n, c.seed, avoid=avoid, kinds=c.kinds)
+    n_clean = c.implant.resolved("n_clean", mode)
+    rate = c.implant.resolved("poison_rate", mode)
+    n_poison = max(1, round(rate * n_clean / (1 - rate)))
+    jobs = [TrainJob(f"canary{s.index}", _records(canary_dataset(s, rest, n_clean, n_poison)),
+                     TrainSettings(steps=c.implant.resolved("steps", mode), batch_size=c.implant.batch_size,
+                                   lr=c.implant.resolved("lr", mode), warmup=10, seed=s.seed), export=True)
+            for s in canaries]
+    return canaries, jobs
+
+
+def _canary_dirs(model_dir: str, adapter: str | None, out: Path, canaries: list) -> list[str]:
+    from transformers import AutoTokenizer
+
+    dirs = [str(out / f"canary{s.index}") for s in canaries]
+    if not adapter:
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        for d in dirs:
+            tok.save_pretrained(d)
+    return dirs
+
+
+def measure_unpurified(model_dir: str, adapter: str | None, held_r: list[dict], canaries: list, canary_dirs: list,
+                       bench: dict | None, min_asr: float) -> tuple[dict, list[dict]]:
+    """The suspicious model's utility (the reference of "CDA lost") and every canary's ASR before purification.
+
+    Returns:
+        ``(suspicious figures, one record per canary)``.
+    """
+    futures = [_baseline.remote(model_dir, adapter, held_r, canaries, bench, True)]
+    futures += [_baseline.remote(model_dir if adapter else d, d if adapter else None, held_r, [s], None, True)
+                for s, d in zip(canaries, canary_dirs)]
+    susp, *canary_before = ray.get(futures)
+    records = [{"index": s.index, "trigger": s.trigger, "position": s.position, "kind": s.kind,
+                "decoy": s.decoy, "asr_before": before[f"canary{s.index}_asr"],
+                "asr_on_suspicious": susp[f"canary{s.index}_asr"], "cda": before["cda"],
+                "weak": before[f"canary{s.index}_asr"] < min_asr}
+               for s, before in zip(canaries, canary_before)]
+    for r in records:
+        log(f"tune: canary {r['index']} ({r['kind']}, trigger {r['trigger']!r}): ASR {r['asr_before']:.3f} before "
+            f"purification, {r['asr_on_suspicious']:.3f} on the suspicious model"
+            + ("  -- WEAK: it barely fires, so it says little" if r["weak"] else ""))
+    return susp, records
+
+
 def prepare_sweep(model_dir: str, adapter: str | None, pool: list, space, work: Path, bench: dict | None) -> dict:
-    """The work every trial shares, done once on the driver before Tune starts.
+    """The work every immunization trial shares, done once on the driver before Tune starts.
 
     Returns:
         The shared state handed to every trial (``tune.with_parameters``) and
         the run record: held-out slice, recovery pool, canary specs and
         model directories, score terms per ``"K|scope"``, baseline figures.
     """
-    from transformers import AutoTokenizer
-
-    from raypurify.canaries import canary_dataset, make_canaries
     from raypurify.distributed.immunize import _records, variant_jobs
     from raypurify.distributed.scoring import score_prefixes_on_ray
-    from raypurify.distributed.train import TrainJob, cluster_for, run_jobs
+    from raypurify.distributed.train import cluster_for, run_jobs
     from raypurify.signature import model_channel_keys
-    from raypurify.train import TrainSettings
-    from raypurify.tuning import defender_split
     from raypurify.variants import make_variants
 
     timings: dict[str, float] = {}
     base = space.base()
     mode = "lora" if adapter else "full"
-    held_idx, rest_idx = defender_split(len(pool), space.utility.heldout, base.seed)
-    held, rest = [pool[i] for i in held_idx], [pool[i] for i in rest_idx]
+    held, rest = _split(pool, space, base.seed)
     max_k = max(space.values("k"))
     ks = sorted(set(space.values("k")))
     scopes = sorted(set(space.values("scope")))
@@ -228,27 +296,16 @@ def prepare_sweep(model_dir: str, adapter: str | None, pool: list, space, work: 
     # smaller K scores the first k pairs and gets exactly its own variants.
     jobs = variant_jobs(cfg_max, rest, mode, save)
     variants = make_variants(max_k, seed=base.seed)
-    c = space.canaries
-    canaries = make_canaries(c.n, c.seed, avoid=variants, kinds=c.kinds)
-    n_clean = c.implant.resolved("n_clean", mode)
-    rate = c.implant.resolved("poison_rate", mode)
-    n_poison = max(1, round(rate * n_clean / (1 - rate)))
+    canaries, c_jobs = canary_jobs(space, rest, mode, avoid=variants)
     # Canaries train in the same fit as the variants: one fixed cost, not two.
-    jobs += [TrainJob(f"canary{s.index}", _records(canary_dataset(s, rest, n_clean, n_poison)),
-                      TrainSettings(steps=c.implant.resolved("steps", mode), batch_size=c.implant.batch_size,
-                                    lr=c.implant.resolved("lr", mode), warmup=10, seed=s.seed), export=True)
-             for s in canaries]
+    jobs += c_jobs
     t0 = time.time()
     log(f"tune: training {2 * max_k} variant finetunes (K={max_k}) and {len(canaries)} canary implants "
         f"in one Ray Train fit")
     out, records = run_jobs(model_dir, jobs, cluster_for(cfg_max.workers, work / "ray_train"), adapter=adapter,
                             name=SHARED_TRAIN_NAME)
     timings["train_variants_and_canaries"] = round(time.time() - t0, 2)
-    canary_dirs = [str(out / f"canary{s.index}") for s in canaries]
-    if not adapter:
-        tok = AutoTokenizer.from_pretrained(model_dir)
-        for d in canary_dirs:
-            tok.save_pretrained(d)
+    canary_dirs = _canary_dirs(model_dir, adapter, out, canaries)
 
     t0 = time.time()
     pairs = [(str(out / f"v{k}-P.safetensors"), str(out / f"v{k}-C.safetensors")) for k in range(max_k)]
@@ -264,58 +321,198 @@ def prepare_sweep(model_dir: str, adapter: str | None, pool: list, space, work: 
 
     t0 = time.time()
     held_r = _records(held)
-    # Unpurified figures: the suspicious model's utility (the reference of
-    # "CDA lost") and every canary's ASR before purification, measured.
-    futures = [_baseline.remote(model_dir, adapter, held_r, canaries, bench, True)]
-    futures += [_baseline.remote(model_dir if adapter else d, d if adapter else None, held_r, [s], None, True)
-                for s, d in zip(canaries, canary_dirs)]
-    susp, *canary_before = ray.get(futures)
+    susp, canary_records = measure_unpurified(model_dir, adapter, held_r, canaries, canary_dirs, bench,
+                                              space.canaries.min_asr)
     timings["baseline"] = round(time.time() - t0, 2)
-    canary_records = [{"index": s.index, "trigger": s.trigger, "position": s.position, "kind": s.kind,
-                       "decoy": s.decoy, "asr_before": before[f"canary{s.index}_asr"],
-                       "asr_on_suspicious": susp[f"canary{s.index}_asr"], "cda": before["cda"],
-                       "weak": before[f"canary{s.index}_asr"] < c.min_asr}
-                      for s, before in zip(canaries, canary_before)]
-    for r in canary_records:
-        log(f"tune: canary {r['index']} ({r['kind']}, trigger {r['trigger']!r}): ASR {r['asr_before']:.3f} before "
-            f"purification, {r['asr_on_suspicious']:.3f} on the suspicious model"
-            + ("  -- WEAK: it barely fires, so it says little" if r["weak"] else ""))
     run = {"variant_finetunes": sum(1 for r in records if r["name"].startswith("v")),
            "canary_finetunes": sum(1 for r in records if r["name"].startswith("canary")),
            "train_fits": 1, "max_k": max_k, "scoring_runs": sorted(terms), "scoring_passes": len(scopes),
            "timings_s": timings,
            "variant_triggers": [v.trigger for v in variants], "n_heldout": len(held), "n_rest": len(rest),
            "train_records": records}
+    run["shared_work"] = (f"{run['variant_finetunes']} variant finetunes (K={max_k}) + {run['canary_finetunes']} "
+                          f"canary implants in 1 Ray Train fit; scores for {', '.join(run['scoring_runs'])} (K|scope)")
     shared = {"model": model_dir, "adapter": adapter, "heldout": held_r, "rest": _records(rest),
               "canaries": canaries, "canary_dirs": canary_dirs, "terms": terms, "fixed": space.fixed,
               "baseline": {"cda": susp["cda"], "ppl": susp["ppl"]}, "bench": bench,
               "max_cda_drop": space.utility.max_cda_drop}
-    return {"shared": shared, "run": run, "suspicious": susp, "canaries": canary_records}
+    return {"shared": shared, "run": run, "suspicious": susp, "canaries": canary_records, "seed": base.seed,
+            "max_epochs": max(space.values("recovery.epochs"))}
 
 
-def _immunize_trial(config: dict, shared: dict) -> None:
-    """One trial: signature, suppression, recovery (in this process) and measurement, per epoch."""
-    import torch
+def train_conflict_models(model_dir: str, adapter: str | None, canary_dirs: list[str], rest: list, cfg,
+                          work: Path) -> tuple[list[dict], list[dict]]:
+    """Trains the conflict LoRA of every model in ONE Ray Train fit; a trial then only merges.
 
+    One LoRA per model (the suspicious one and each canary model), each on
+    the model it will be merged into, as ``purify --defense conflict`` trains
+    it. Where the LoRA does not depend on that model it is trained once and
+    shared: adapter-only (it is trained on the base, as in the paper) and a
+    full model with ``base`` set (trained on theta_0).
+
+    Args:
+        model_dir: The suspicious model (the base, with ``adapter``).
+        adapter: The suspicious adapter, or None.
+        canary_dirs: The canary models (full) or adapters (adapter-only).
+        rest: Clean data outside the held-out slice.
+        cfg: The ``ConflictConfig`` (its training settings; merge settings unused).
+        work: Scratch directory (Ray Train storage, conflict models).
+
+    Returns:
+        ``(targets, train records)``: one target per model, suspicious first,
+        ``{"model", "adapter", "conflict"}``, where ``conflict`` is the
+        conflict model directory (full) or the conflict adapter (adapter-only).
+    """
+    from raypurify.distributed.conflict import conflict_job, lora_of
+    from raypurify.distributed.train import cluster_for, run_jobs
+    from raypurify.merge import merge_lora_into
+
+    shared_lora = bool(adapter or cfg.base)
+    starts = {"conflict": cfg.base or model_dir} if shared_lora else \
+        {"conflict-suspicious": model_dir, **{f"conflict-canary{i}": d for i, d in enumerate(canary_dirs)}}
+    jobs = [conflict_job(rest, cfg, name, start) for name, start in starts.items()]
+    log(f"tune: training {len(jobs)} conflict LoRA(s) (r={cfg.lora_r}, {jobs[0].settings.steps} steps) in one "
+        "Ray Train fit")
+    out, records = run_jobs(model_dir, jobs, cluster_for(cfg.workers, work / "ray_train"), lora=lora_of(cfg),
+                            name="tune-conflict")
+    conflict = {name: str(out / name) for name in starts}
+    if not adapter:
+        # The conflict model theta + delta does not depend on the trial: built once.
+        for name, start in starts.items():
+            d = work / "conflict_models" / name
+            d.mkdir(parents=True)
+            merge_lora_into(start, conflict[name], d)
+            conflict[name] = str(d)
+    names = list(starts) if not shared_lora else ["conflict"] * (1 + len(canary_dirs))
+    models = [(model_dir, adapter)] + [(model_dir, d) if adapter else (d, None) for d in canary_dirs]
+    return [{"model": m, "adapter": a, "conflict": conflict[n]} for (m, a), n in zip(models, names)], records
+
+
+def prepare_conflict_sweep(model_dir: str, adapter: str | None, pool: list, space, work: Path,
+                           bench: dict | None) -> dict:
+    """The work every conflict-merge trial shares: canary implants, then the conflict LoRAs (two fits).
+
+    The LoRAs start from the canary models, so they cannot join the canaries' fit.
+    """
+    from raypurify.distributed.immunize import _records
+    from raypurify.distributed.train import cluster_for, run_jobs
+
+    timings: dict[str, float] = {}
+    cfg = space.base()
+    mode = "lora" if adapter else "full"
+    held, rest = _split(pool, space, cfg.seed)
+    canaries, jobs = canary_jobs(space, rest, mode)
+    t0 = time.time()
+    log(f"tune: training {len(canaries)} canary implants in one Ray Train fit")
+    out, records = run_jobs(model_dir, jobs, cluster_for(cfg.workers, work / "ray_train"), adapter=adapter,
+                            name="tune-canaries")
+    timings["train_canaries"] = round(time.time() - t0, 2)
+    canary_dirs = _canary_dirs(model_dir, adapter, out, canaries)
+    t0 = time.time()
+    targets, c_records = train_conflict_models(model_dir, adapter, canary_dirs, rest, cfg, work)
+    timings["train_conflict"] = round(time.time() - t0, 2)
+    t0 = time.time()
+    held_r = _records(held)
+    susp, canary_records = measure_unpurified(model_dir, adapter, held_r, canaries, canary_dirs, bench,
+                                              space.canaries.min_asr)
+    timings["baseline"] = round(time.time() - t0, 2)
+    run = {"canary_finetunes": sum(1 for r in records if r["name"].startswith("canary")),
+           "conflict_finetunes": sum(1 for r in c_records if r["name"].startswith("conflict")),
+           "train_fits": 2, "timings_s": timings, "n_heldout": len(held), "n_rest": len(rest),
+           "train_records": records + c_records}
+    run["shared_work"] = (f"{run['canary_finetunes']} canary implants in 1 Ray Train fit, then "
+                          f"{run['conflict_finetunes']} conflict LoRA(s) in 1 more; each trial only merges")
+    shared = {"model": model_dir, "adapter": adapter, "heldout": held_r, "canaries": canaries,
+              "targets": targets, "fixed": space.fixed, "baseline": {"cda": susp["cda"], "ppl": susp["ppl"]},
+              "bench": bench, "max_cda_drop": space.utility.max_cda_drop}
+    return {"shared": shared, "run": run, "suspicious": susp, "canaries": canary_records, "seed": cfg.seed,
+            "max_epochs": 1}
+
+
+def prepare_combined_sweep(model_dir: str, adapter: str | None, pool: list, space, work: Path,
+                           bench: dict | None) -> dict:
+    """The immunization sweep's shared work, then the conflict LoRA of every model in one more fit."""
+    prep = prepare_sweep(model_dir, adapter, pool, space.immunize_part(), work, bench)
+    shared, run = prep["shared"], prep["run"]
+    t0 = time.time()
+    targets, records = train_conflict_models(model_dir, adapter, shared["canary_dirs"], _examples(shared["rest"]),
+                                             space.base().conflict, work)
+    run["timings_s"]["train_conflict"] = round(time.time() - t0, 2)
+    run["conflict_finetunes"] = sum(1 for r in records if r["name"].startswith("conflict"))
+    run["train_fits"] += 1
+    run["train_records"] += records
+    run["shared_work"] += (f"; then {run['conflict_finetunes']} conflict LoRA(s) in 1 more fit. Each trial merges, "
+                           "then suppresses its signature and recovers")
+    shared.update(targets=targets, fixed=space.fixed)
+    return prep
+
+
+def _merged(cfg, shared: dict, tmp: Path) -> list[tuple[str, str | None]]:
+    """Merges every target (suspicious first, then the canaries) at ``cfg``'s coefficients.
+
+    Returns:
+        ``(model directory, adapter directory or None)`` per target.
+    """
+    from raypurify.merge import combine_adapters, merge_models
+
+    starts = []
+    for i, t in enumerate(shared["targets"]):
+        out = tmp / f"merged{i}"
+        out.mkdir()
+        if t["adapter"]:
+            combine_adapters(t["model"], t["adapter"], t["conflict"], out, cfg.adapter_combination,
+                             cfg.adapter_weights(), cfg.merge.density, seed=cfg.seed)
+            starts.append((t["model"], str(out)))
+        else:
+            merge_models(cfg.merge, t["model"], t["conflict"], out, base=cfg.base)
+            starts.append((str(out), None))
+    return starts
+
+
+def _measure(models: list, shared: dict) -> dict:
+    """Utility (and the true attack) of the suspicious model's version, canary ASR of the canaries'.
+
+    Args:
+        models: ``(model, tokenizer)``: the suspicious model's, then one per canary.
+    """
     from raypurify.canaries import canary_asr
-    from raypurify.config import ImmunizeConfig
+    from raypurify.tuning import objective
+
+    held = _examples(shared["heldout"])
+    model, tok = models[0]
+    m = _utility(model, tok, held)
+    for spec, (cm, ctok) in zip(shared["canaries"], models[1:]):
+        m[f"canary{spec.index}_asr"] = canary_asr(cm, ctok, spec, held)
+    m["canary_asr"] = sum(m[f"canary{s.index}_asr"] for s in shared["canaries"]) / len(shared["canaries"])
+    m["cda_drop"] = shared["baseline"]["cda"] - m["cda"]
+    m["ppl_ratio"] = m["ppl"] / shared["baseline"]["ppl"]
+    m["objective"] = objective(m["canary_asr"], m["cda_drop"], shared["max_cda_drop"])
+    if shared["bench"]:
+        m.update(_true(model, tok, shared["bench"]))
+    return m
+
+
+def _purify_and_report(cfg, starts: list, shared: dict, every_epoch: bool) -> None:
+    """Signature, suppression and recovery of every start model (in this process), reported per epoch.
+
+    Args:
+        cfg: The trial's ``ImmunizeConfig``.
+        starts: ``(model dir, adapter or None)``: the suspicious model first, then one per canary.
+        shared: The sweep's shared state.
+        every_epoch: Report after every recovery epoch (ASHA), not only the last.
+    """
     from raypurify.defenses.common import recovery_set, recovery_settings
     from raypurify.distributed.immunize import signature_from
     from raypurify.signature import suppress
     from raypurify.train import Finetuner
-    from raypurify.tuning import epoch_ends, merge, objective
+    from raypurify.tuning import epoch_ends
 
-    torch.set_num_threads(1)
-    cfg = ImmunizeConfig.model_validate(merge(shared["fixed"], config["point"]))
     lora = shared["adapter"] is not None
     _, sig = signature_from(shared["terms"][f"{cfg.k}|{cfg.scope}"], cfg)
     # The recovery of `raypurify purify` (same settings, same seeded draw),
     # from the clean data minus the held-out slice.
     settings = recovery_settings(cfg.recovery, "lora" if lora else "full", cfg.seed)
     data = recovery_set(_examples(shared["rest"]), cfg.recovery.n_samples, cfg.seed)
-    held = _examples(shared["heldout"])
-    starts = [(shared["model"], shared["adapter"])]
-    starts += [(shared["model"], d) if lora else (d, None) for d in shared["canary_dirs"]]
     runs = []
     for model_dir, adapter in starts:
         model, tok = _load(model_dir, adapter, trainable=True)
@@ -327,30 +524,56 @@ def _immunize_trial(config: dict, shared: dict) -> None:
     for epoch, until in enumerate(ends, start=1):
         for _, _, ft in runs:
             ft.run(until)
-        if not config["every_epoch"] and epoch < len(ends):
+        if not every_epoch and epoch < len(ends):
             continue
-        model, tok, _ = runs[0]
-        m = _utility(model, tok, held)
-        for spec, (cm, ctok, _) in zip(shared["canaries"], runs[1:]):
-            m[f"canary{spec.index}_asr"] = canary_asr(cm, ctok, spec, held)
-        m["canary_asr"] = sum(m[f"canary{s.index}_asr"] for s in shared["canaries"]) / len(shared["canaries"])
-        m["cda_drop"] = shared["baseline"]["cda"] - m["cda"]
-        m["ppl_ratio"] = m["ppl"] / shared["baseline"]["ppl"]
-        m["objective"] = objective(m["canary_asr"], m["cda_drop"], shared["max_cda_drop"])
-        if shared["bench"]:
-            m.update(_true(model, tok, shared["bench"]))
+        m = _measure([(model, tok) for model, tok, _ in runs], shared)
         tune.report({"epoch": epoch, "epochs": cfg.recovery.epochs,
                      "n_suppressed": int(sum(s.numel() for s in sig)), **m})
 
 
-def _immunize_param_space(space) -> dict:
-    from raypurify.tuning import nested
+def _immunize_trial(config: dict, shared: dict) -> None:
+    """One immunization trial: signature, suppression, recovery and measurement, per epoch."""
+    import torch
 
-    return nested(_param_space(space))
+    from raypurify.config import ImmunizeConfig
+    from raypurify.tuning import merge
+
+    torch.set_num_threads(1)
+    cfg = ImmunizeConfig.model_validate(merge(shared["fixed"], config["point"]))
+    starts = [(shared["model"], shared["adapter"])]
+    starts += [(shared["model"], d) if shared["adapter"] else (d, None) for d in shared["canary_dirs"]]
+    _purify_and_report(cfg, starts, shared, config["every_epoch"])
+
+
+def _conflict_trial(config: dict, shared: dict) -> None:
+    """One conflict trial: merge every model with its conflict LoRA at the trial's coefficients, measure."""
+    import torch
+
+    from raypurify.conflict import ConflictConfig
+    from raypurify.tuning import merge
+
+    torch.set_num_threads(1)
+    cfg = ConflictConfig.model_validate(merge(shared["fixed"], config["point"]))
+    with tempfile.TemporaryDirectory(prefix="rp-tune-merge-") as tmp:
+        m = _measure([_load(*s) for s in _merged(cfg, shared, Path(tmp))], shared)
+    tune.report({"epoch": 1, "epochs": 1, **m})
+
+
+def _combined_trial(config: dict, shared: dict) -> None:
+    """One combined trial: the conflict merge, then immunization of the merged models (CombinedConfig's order)."""
+    import torch
+
+    from raypurify.conflict import CombinedConfig
+    from raypurify.tuning import merge
+
+    torch.set_num_threads(1)
+    cfg = CombinedConfig.model_validate(merge(shared["fixed"], config["point"]))
+    with tempfile.TemporaryDirectory(prefix="rp-tune-merge-") as tmp:
+        _purify_and_report(cfg.immunize, _merged(cfg.conflict, shared, Path(tmp)), shared, config["every_epoch"])
 
 
 def pareto_plot(trials: list[dict], suspicious: dict, budget: float, chosen: dict | None, path: Path,
-                benchmark: bool) -> None:
+                benchmark: bool, title: str = "Immunization sweep") -> None:
     """``pareto.png``: attack success against utility, one point per trial."""
     import matplotlib
 
@@ -378,7 +601,7 @@ def pareto_plot(trials: list[dict], suspicious: dict, budget: float, chosen: dic
     ax.set_ylabel("attack success rate")
     ax.set_ylim(-0.03, 1.03)
     ax.legend(fontsize=7, loc="best")
-    ax.set_title("Immunization sweep: attack success vs utility", fontsize=10)
+    ax.set_title(f"{title}: attack success vs utility", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -407,13 +630,104 @@ def tune_immunize(space, model_dir: str, adapter: str | None, pool: list, out: s
     Returns:
         ``{"trials", "chosen", "statement", "hindsight", "spearman", "run", ...}``.
     """
+    return _run_sweep("immunize", space, prepare_sweep, _immunize_trial, model_dir, adapter, pool, out, objective,
+                      attack, behavior, heldout, address, overwrite)
+
+
+# peft adds the A and B matrices of these combinations entry by entry, so the
+# two adapters' ranks must match (cat and svd take any ranks).
+_SAME_RANK = ("linear", "ties", "dare_linear", "dare_ties")
+
+
+def _check_conflict(model_dir: str, adapter: str | None, space, prefix: str = "") -> None:
+    """Checks that fail before anything runs: the defense's own, and what only a sweep can get wrong.
+
+    Args:
+        prefix: Where the conflict keys sit in the space (``conflict.`` in a combined one).
+    """
+    from raypurify.distributed.conflict import check_job
+    from raypurify.errors import RaypurifyError
+
+    cfg = space.base().conflict if prefix else space.base()
+    check_job(model_dir, adapter, cfg)
+    key = f"{prefix}adapter_combination"
+    if key in space.space and not adapter:
+        raise RaypurifyError(f"{key} is swept, but it only acts on adapters (--adapter) and this model is a full "
+                             "one: every value would give the same trial")
+    if adapter:
+        r = json.loads((Path(adapter) / "adapter_config.json").read_text()).get("r")
+        same = sorted(set(space.values(key)) & set(_SAME_RANK))
+        if same and r != cfg.lora_r:
+            raise RaypurifyError(f"adapter combination(s) {same} need the conflict LoRA's rank to equal the "
+                                 f"suspicious adapter's ({r}); set {prefix}lora_r: {r} in fixed, or use cat / svd")
+
+
+def tune_conflict(space, model_dir: str, adapter: str | None, pool: list, out: str, objective: str = "blind",
+                  attack: str | None = None, behavior: str | None = None, heldout: list | None = None,
+                  address: str | None = None, overwrite: bool = False) -> dict:
+    """Sweeps the conflict defense's merge coefficients and chooses them blind.
+
+    Same arguments, choice and outputs as ``tune_immunize``; ``best.yaml`` is a
+    ConflictConfig for ``raypurify purify --defense conflict --config``.
+    """
+    _check_conflict(model_dir, adapter, space)
+    return _run_sweep("conflict", space, prepare_conflict_sweep, _conflict_trial, model_dir, adapter, pool, out,
+                      objective, attack, behavior, heldout, address, overwrite)
+
+
+def tune_combined(space, model_dir: str, adapter: str | None, pool: list, out: str, objective: str = "blind",
+                  attack: str | None = None, behavior: str | None = None, heldout: list | None = None,
+                  address: str | None = None, overwrite: bool = False) -> dict:
+    """Sweeps the conflict merge and immunization together (``CombinedConfig``: merge, then immunize).
+
+    Same arguments, choice and outputs as ``tune_immunize``; ``best.yaml`` is
+    a CombinedConfig, and ``best-conflict.yaml`` / ``best-immunize.yaml`` are
+    its sections for the two ``raypurify purify`` runs.
+    """
+    _check_conflict(model_dir, adapter, space, prefix="conflict.")
+    return _run_sweep("combined", space, prepare_combined_sweep, _combined_trial, model_dir, adapter, pool, out,
+                      objective, attack, behavior, heldout, address, overwrite)
+
+
+def _best_files(kind: str, cfg, statement: str, chosen: dict, heldout: int) -> dict[str, str]:
+    """``best.yaml`` (and, for several defenses, one file per defense) with how to use them."""
+    import yaml
+
+    from raypurify.config import SWEEPS
+
+    defenses = SWEEPS[kind].defenses
+    data = cfg.model_dump(mode="json")
+    head = (f"# raypurify tune ({kind}): {statement}.\n# trial {chosen['trial_id']}: canary ASR "
+            f"{chosen['canary_asr']:.3f}, CDA lost {chosen['cda_drop'] * 100:.1f} points (held-out slice of "
+            f"{heldout}).\n")
+    if len(defenses) == 1:
+        return {"best.yaml": head + f"# Use: raypurify purify --defense {defenses[0]} --config best.yaml\n"
+                + yaml.safe_dump(data, sort_keys=False)}
+    steps = " then ".join(f"raypurify purify --defense {d} --config best-{d}.yaml" for d in defenses)
+    files = {"best.yaml": head + f"# Use, in this order, each on the previous output: {steps}\n"
+             + yaml.safe_dump(data, sort_keys=False)}
+    for d in defenses:
+        files[f"best-{d}.yaml"] = f"# {kind} sweep, section {d} of best.yaml\n" + yaml.safe_dump(data[d], sort_keys=False)
+    return files
+
+
+def _run_sweep(kind: str, space, prepare, trial, model_dir: str, adapter: str | None, pool: list, out: str,
+               objective: str, attack: str | None, behavior: str | None, heldout: list | None,
+               address: str | None, overwrite: bool) -> dict:
+    """What every sweep kind shares: checks, shared work, Tune, the blind choice and the outputs.
+
+    Args:
+        kind: A ``SWEEPS`` name (names the Tune run and the outputs).
+        prepare: ``(model_dir, adapter, pool, space, work, bench) -> prep``: the shared work.
+        trial: The Tune function trainable, ``(config, shared)``.
+        (the rest): As ``tune_immunize``.
+    """
     import shutil
 
-    import yaml
     from ray.tune.schedulers import ASHAScheduler
 
     from raypurify.errors import RaypurifyError
-    from raypurify.tuning import choose, flat, spearman_of, trials_table
+    from raypurify.tuning import choose, flat, nested, spearman_of, trials_table
 
     benchmark = objective == "benchmark"
     if objective not in ("blind", "benchmark"):
@@ -429,28 +743,29 @@ def tune_immunize(space, model_dir: str, adapter: str | None, pool: list, out: s
         # Shared work under the output: on a cluster --out is on a shared
         # filesystem, so every trial's node can read the canary models.
         work = tmp / "_work"
-        prep = prepare_sweep(model_dir, adapter, pool, space, work, bench)
-        max_epochs = max(space.values("recovery.epochs"))
-        use_asha = space.asha.enabled and max_epochs > 1
+        prep = prepare(model_dir, adapter, pool, space, work, bench)
+        max_epochs = prep["max_epochs"]
+        asha = getattr(space, "asha", None)
+        use_asha = asha is not None and asha.enabled and max_epochs > 1
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_epochs,
-                                  grace_period=min(space.asha.grace_period, max_epochs),
-                                  reduction_factor=space.asha.reduction_factor) if use_asha else None
+                                  grace_period=min(asha.grace_period, max_epochs),
+                                  reduction_factor=asha.reduction_factor) if use_asha else None
         search_alg = None
         if space.search == "optuna":
             from ray.tune.search.optuna import OptunaSearch
 
-            search_alg = OptunaSearch(seed=space.base().seed)
-        trainable = tune.with_resources(tune.with_parameters(_immunize_trial, shared=prep["shared"]), {"cpu": 1})
+            search_alg = OptunaSearch(seed=prep["seed"])
+        trainable = tune.with_resources(tune.with_parameters(trial, shared=prep["shared"]), {"cpu": 1})
         tuner = tune.Tuner(
             trainable,
-            param_space={"point": _immunize_param_space(space), "every_epoch": use_asha},
+            param_space={"point": nested(_param_space(space)), "every_epoch": use_asha},
             tune_config=tune.TuneConfig(metric="objective", mode="min", num_samples=space.num_samples,
                                         max_concurrent_trials=space.max_concurrent, scheduler=scheduler,
                                         search_alg=search_alg),
-            run_config=tune.RunConfig(name="immunize", storage_path=str(tmp / "ray_tune"), verbose=1),
+            run_config=tune.RunConfig(name=kind, storage_path=str(tmp / "ray_tune"), verbose=1),
         )
-        log(f"tune: sweeping {', '.join(space.space)} ({space.search}{', ASHA on recovery epochs' if use_asha else ''}), "
-            f"{space.max_concurrent} trials at a time")
+        log(f"tune: sweeping {', '.join(space.space)} ({kind}, {space.search}"
+            f"{', ASHA on recovery epochs' if use_asha else ''}), {space.max_concurrent} trials at a time")
         t0 = time.time()
         grid = tuner.fit()
         prep["run"]["timings_s"]["trials"] = round(time.time() - t0, 2)
@@ -458,7 +773,8 @@ def tune_immunize(space, model_dir: str, adapter: str | None, pool: list, out: s
         for result in grid:
             point = flat(result.config["point"])
             if result.error:
-                trials.append({"point": point, "error": str(result.error).splitlines()[0],
+                # The last line of a Ray task error is the exception itself.
+                trials.append({"point": point, "error": str(result.error).strip().splitlines()[-1],
                                "trial_id": (result.metrics or {}).get("trial_id")})
                 continue
             m = result.metrics
@@ -475,7 +791,7 @@ def tune_immunize(space, model_dir: str, adapter: str | None, pool: list, out: s
         done = [t for t in trials if t.get("complete")]
         rho_s = spearman_of([t["canary_asr"] for t in done], [t["true_asr"] for t in done]) if benchmark else None
         base = space.base()
-        result = {"objective": objective, "attack": attack, "behavior": behavior,
+        result = {"kind": kind, "objective": objective, "attack": attack, "behavior": behavior,
                   "model": str(Path(model_dir).absolute()), "adapter": str(Path(adapter).absolute()) if adapter else None,
                   "budget": {"max_cda_drop": budget, "heldout": space.utility.heldout},
                   "suspicious": prep["suspicious"], "canaries": prep["canaries"], "trials": trials,
@@ -491,9 +807,7 @@ def tune_immunize(space, model_dir: str, adapter: str | None, pool: list, out: s
                 "Canaries (ASR before purification / on the suspicious model): "
                 + "; ".join(f"{c['kind']} {c['trigger']!r} {c['asr_before']:.3f} / {c['asr_on_suspicious']:.3f}"
                             + (" (WEAK)" if c["weak"] else "") for c in prep["canaries"]) + ".",
-                f"Shared work: {prep['run']['variant_finetunes']} variant finetunes (K={prep['run']['max_k']}) + "
-                f"{prep['run']['canary_finetunes']} canary implants in {prep['run']['train_fits']} Ray Train fit; "
-                f"scores for {', '.join(prep['run']['scoring_runs'])} (K|scope).", ""]
+                f"Shared work: {prep['run']['shared_work']}.", ""]
         if chosen:
             head.append(f"**Choice: trial {chosen['trial_id']}** ({', '.join(f'{k}={v}' for k, v in chosen['point'].items())})"
                         f": {statement}.")
@@ -509,12 +823,10 @@ def tune_immunize(space, model_dir: str, adapter: str | None, pool: list, out: s
         (tmp / "trials.md").write_text(text)
         (tmp / "trials.json").write_text(json.dumps(result, indent=1, default=str))
         if chosen:
-            cfg = type(base).model_validate(_point_update(base.model_dump(), chosen["point"]))
-            (tmp / "best.yaml").write_text(
-                f"# raypurify tune: {statement}.\n# trial {chosen['trial_id']}: canary ASR {chosen['canary_asr']:.3f}, "
-                f"CDA lost {chosen['cda_drop'] * 100:.1f} points (held-out slice of {space.utility.heldout}).\n"
-                "# Use: raypurify purify --config best.yaml\n" + yaml.safe_dump(cfg.model_dump(), sort_keys=False))
-        pareto_plot(trials, susp, budget, chosen, tmp / "pareto.png", benchmark)
+            cfg = type(base).model_validate(_point_update(base.model_dump(mode="json"), chosen["point"]))
+            for name, body in _best_files(kind, cfg, statement, chosen, space.utility.heldout).items():
+                (tmp / name).write_text(body)
+        pareto_plot(trials, susp, budget, chosen, tmp / "pareto.png", benchmark, title=f"{kind.capitalize()} sweep")
         shutil.rmtree(work, ignore_errors=True)
     print(text)
     return result
