@@ -215,7 +215,10 @@ def reinit_channels(tensors: Mapping[str, torch.Tensor], keys: ChannelKeys, chan
 @torch.no_grad()
 def zero_channels(tensors: Mapping[str, torch.Tensor], keys: ChannelKeys, channels: torch.Tensor) -> None:
     """Zeros the selected channels of one layer in place (LoRA B rows / A columns)."""
-    copy_channels(tensors, {k: torch.zeros_like(tensors[k]) for k in keys.rows + keys.cols}, keys, channels)
+    for k in keys.rows:
+        tensors[k][_expand(channels, keys.group(k)).to(tensors[k].device)] = 0
+    for k in keys.cols:
+        tensors[k][:, _expand(channels, keys.group(k)).to(tensors[k].device)] = 0
 
 
 @torch.no_grad()

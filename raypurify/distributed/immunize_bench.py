@@ -30,7 +30,7 @@ import ray
 import torch
 
 from raypurify.config import AttackConfig, ImmunizeConfig, build
-from raypurify.distributed.bench import attacked_dir, eval_set, evaluate_remote, init_ray, suspicious_model
+from raypurify.distributed.bench import eval_set, evaluate_remote, init_ray, suspicious_model
 from raypurify.distributed.immunize import compute_scores, recover, signature_from, suppressed_copies
 from raypurify.errors import RaypurifyError
 from raypurify.io import attach_adapter, load_examples, load_model, output_dir
@@ -84,8 +84,8 @@ def run_cell(zoo: Path, base: str, attack_cfg: AttackConfig, cfg: ImmunizeConfig
     lora = attack_cfg.mode == "lora"
     t0 = time.time()
     susp = suspicious_model(zoo, base, attack_cfg)
-    cached = attacked_dir(zoo, base, attack_cfg).with_name(attacked_dir(zoo, base, attack_cfg).name + ".twin")
-    twin = suspicious_model(zoo, base, attack_cfg, twin=True) if twins or (cached / "attack.json").is_file() else None
+    cached = (susp.parent / f"{susp.name}.twin" / "attack.json").is_file()
+    twin = suspicious_model(zoo, base, attack_cfg, twin=True) if twins or cached else None
     model_dir, adapter = (str(zoo / base), str(susp)) if lora else (str(susp), None)
     pool = load_examples(zoo / "clean_pool.json")
     timings: dict[str, float] = {"implant": round(time.time() - t0, 1)}
