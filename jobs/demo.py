@@ -5,8 +5,9 @@
    clean twin, the oracle reference);
 3. purifies it with the immunization signature as measured on the bench
    (configs/immunize-bench.yaml: K = 6 first-order variant pairs on Ray
-   Train + DeepSpeed, attention channels scored on a Ray Data actor pool)
-   at three intervention ratios, each suppressed and recovered;
+   Train + DeepSpeed, query/key channels scored on a Ray Data actor pool)
+   at three intervention ratios, each re-drawn and recovered (the re-drawn
+   units 30x faster; also shown at 1x and 100x);
 4. evaluates, on the same triggered and clean held-out prompts, the clean,
    suspicious and purified models beside every control at the same budget
    (finetune only, random and layer-matched random channels over 3 seeds,
@@ -25,8 +26,8 @@ from pathlib import Path
 from raypurify.config import ImmunizeConfig, build, load_yaml
 from raypurify.errors import RaypurifyError
 
-# The bench's sweep and evaluation subset (README, "Results on the bench").
-RHOS, MAX_EVAL = [0.004, 0.008, 0.016], 300
+# The bench's sweep, evaluation subset and recovery ablation (README, "Results on the bench").
+RHOS, MAX_EVAL, OTHER_SCALES = [0.004, 0.008, 0.016], 300, [1.0, 100.0]
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -49,10 +50,12 @@ if __name__ == "__main__":
             cfg = ImmunizeConfig.model_validate({
                 "k": 2, "rho": 0.25, "variants": {"preset": "custom", "n_clean": 64, "poison_rate": 0.2,
                                                   "steps": 10, "lr": 3e-3, "batch_size": 16},
-                "recovery": {"n_samples": 32, "epochs": 1, "batch_size": 16}})
+                "scope": cfg.scope, "recovery": {**cfg.recovery.model_dump(), "n_samples": 32, "epochs": 1,
+                                                 "batch_size": 16}})
             rhos, max_eval = [cfg.rho], None
         run_immunize_bench(a.zoo, a.out, [("badnets", "sentiment", "full")], rhos, cfg, seeds=seeds,
-                           size=size, address=a.address, overwrite=True, max_eval=max_eval, twins=True)
+                           size=size, address=a.address, overwrite=True, max_eval=max_eval, twins=True,
+                           other_scales=OTHER_SCALES)
     except RaypurifyError as e:
         print(f"raypurify: error: {e}", file=sys.stderr)
         sys.exit(2)

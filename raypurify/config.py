@@ -170,6 +170,21 @@ class Recovery(Strict):
         return self.lr if self.lr is not None else self.DEFAULT_LR[mode]
 
 
+class ImmunizeRecovery(Recovery):
+    """The main method's recovery: the shared budget, with re-drawn units trained faster."""
+
+    # Why: on the bench the signature's units are layer-0 query/key rows the
+    # model's ordinary skills use too (the first rotary pairs of two heads);
+    # re-drawn at N(0, 0.02) they sit far below the trained rows, and 32
+    # AdamW steps at 2e-4 move a weight by at most 0.0064, so the model
+    # stayed ~20 CDA points down. Training only the re-drawn units at
+    # a higher rate lets them relearn from clean data. Too fast and they
+    # relearn the trigger too (BadNets, units x100: ASR back to 0.795);
+    # README, "Recovering re-drawn units".
+    fresh_lr_scale: float = Field(1.0, ge=1, le=100, description="learning-rate multiplier of the suppressed "
+                                                                  "units during recovery (1: same as the rest)")
+
+
 class Workers(Strict):
     """Where the variant finetunes run (Ray Train + DeepSpeed)."""
 
@@ -190,11 +205,11 @@ class ImmunizeConfig(Strict):
     lam: float = Field(0.01, ge=0, description="weight of the alignment term (combined mode)")
     scoring: Literal["norm", "align", "combined"] = "combined"
     per_layer: bool = Field(False, description="top-rho of every layer instead of global")
-    scope: Literal["mlp", "heads", "attn"] = Field("mlp", description="units: MLP channels, attention heads or "
-                                                                      "attention channels")
+    scope: Literal["mlp", "heads", "attn", "qk"] = Field(
+        "mlp", description="units: MLP channels, attention heads, attention channels or query/key channels")
     seed: int = 0
     variants: VariantRegime = VariantRegime()
-    recovery: Recovery = Recovery()
+    recovery: ImmunizeRecovery = ImmunizeRecovery()
     workers: Workers = Workers()
 
     def min_clean(self) -> int:
@@ -202,10 +217,15 @@ class ImmunizeConfig(Strict):
         return max(self.variants.resolved("n_clean", "full"), self.recovery.n_samples)
 
     @model_validator(mode="after")
-    def _groups_divide(self):
+    def _workers_fit(self):
         if self.workers.num_workers % self.workers.group_size:
             raise ValueError(f"workers.group_size {self.workers.group_size} must divide "
                              f"workers.num_workers {self.workers.num_workers}")
+        if self.recovery.fresh_lr_scale != 1 and self.workers.zero_stage == 3:
+            # ZeRO-3 partitions each weight across workers, so the per-row
+            # gradient mask of the re-drawn units has nothing whole to act on.
+            raise ValueError("recovery.fresh_lr_scale needs workers.zero_stage 0, 1 or 2 (ZeRO-3 partitions "
+                             "the weights whose rows it trains faster)")
         return self
 
 

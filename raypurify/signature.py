@@ -13,7 +13,9 @@ With ``scope="heads"`` the unit is an attention head instead: its block of
 rows in q/k/v (GPT-NeoX: its block of the fused query_key_value) and its
 block of columns in o_proj (attention.dense). With ``scope="attn"`` it is an
 attention channel, the attention analogue of an MLP channel: row c of q, k
-and v and column c of o_proj (separate q/k/v projections only). A whole head
+and v and column c of o_proj (separate q/k/v projections only); with
+``scope="qk"`` only row c of q and of k (the unit decides where a token
+attends, not what it carries). A whole head
 turned out too coarse on the bench: the layer-0 heads that carry the BadNets
 trigger also carry much of the model's skill, and re-drawing one cost 20+
 CDA points that the light recovery could not repair. Everything downstream
@@ -32,7 +34,7 @@ from raypurify.arch import ArchSpec
 
 Mode = Literal["norm", "align", "combined"]
 SCORING_MODES: tuple[str, ...] = ("norm", "align", "combined")
-SCOPES: tuple[str, ...] = ("mlp", "heads", "attn")
+SCOPES: tuple[str, ...] = ("mlp", "heads", "attn", "qk")
 
 
 @dataclass(frozen=True)
@@ -73,11 +75,12 @@ def layer_keys(spec: ArchSpec, layer: int, lora: bool = False, bias_keys: Sequen
             projections, ``...lora_A.weight`` columns for the output one).
         bias_keys: All keys of the state dict; input-projection biases found
             among them are included (full model only).
-        scope: ``mlp`` (intermediate channels), ``heads`` (attention heads)
-            or ``attn`` (attention channels).
+        scope: ``mlp`` (intermediate channels), ``heads`` (attention heads),
+            ``attn`` (attention channels) or ``qk`` (query/key channels).
         head_dim: Rows per head in each of q/k/v (``heads`` scope).
     """
-    ins, out = (spec.mlp_in, spec.mlp_out) if scope == "mlp" else (spec.attn_in, spec.attn_out)
+    ins, outs = {"mlp": (spec.mlp_in, (spec.mlp_out,)), "qk": (spec.attn_in[:2], ())}.get(
+        scope, (spec.attn_in, (spec.attn_out,)))
     # A fused QKV projection (GPT-NeoX) lays its rows out head by head, each
     # head's q, k and v together: 3 * head_dim rows per head.
     g_in = head_dim * (3 if len(ins) == 1 else 1) if scope == "heads" else 1
@@ -88,11 +91,11 @@ def layer_keys(spec: ArchSpec, layer: int, lora: bool = False, bias_keys: Sequen
         # also how raypurify's Ray workers save variant adapters.
         pre = f"base_model.model.{prefix}"
         rows = tuple(f"{pre}{m}.lora_B.default.weight" for m in ins)
-        cols = (f"{pre}{out}.lora_A.default.weight",)
+        cols = tuple(f"{pre}{m}.lora_A.default.weight" for m in outs)
     else:
         rows = tuple(f"{prefix}{m}.weight" for m in ins)
         rows += tuple(k for k in (f"{prefix}{m}.bias" for m in ins) if k in set(bias_keys))
-        cols = (f"{prefix}{out}.weight",)
+        cols = tuple(f"{prefix}{m}.weight" for m in outs)
     groups = tuple((k, g_in) for k in rows if g_in != 1) + tuple((k, g_out) for k in cols if g_out != 1)
     return ChannelKeys(rows=rows, cols=cols, groups=groups)
 
@@ -239,7 +242,7 @@ def model_channel_keys(model, lora: bool = False, scope: str = "mlp") -> tuple[l
     Args:
         model: The model (a PeftModel with ``lora``).
         lora: Units of the adapter's LoRA matrices.
-        scope: ``mlp`` channels, attention ``heads`` or ``attn`` channels.
+        scope: ``mlp`` channels, attention ``heads``, ``attn`` or ``qk`` channels.
 
     Raises:
         RaypurifyError: The architecture's module names are unknown, a LoRA
@@ -257,19 +260,20 @@ def model_channel_keys(model, lora: bool = False, scope: str = "mlp") -> tuple[l
     if scope != "mlp" and getattr(config, "num_key_value_heads", n_heads) != n_heads:
         raise RaypurifyError(f"scope {scope!r} needs one key/value head per query head; this model uses "
                              f"grouped-query attention ({config.num_key_value_heads} kv heads); use scope 'mlp'")
-    if scope == "attn" and len(spec.attn_in) == 1:
-        raise RaypurifyError(f"scope 'attn' needs separate q/k/v projections; {spec.attn_in[0]} fuses them "
+    if scope in ("attn", "qk") and len(spec.attn_in) == 1:
+        raise RaypurifyError(f"scope {scope!r} needs separate q/k/v projections; {spec.attn_in[0]} fuses them "
                              "(valid here: mlp, heads)")
     head_dim = config.hidden_size // n_heads
     keys = [layer_keys(spec, layer, lora=lora, bias_keys=names, scope=scope, head_dim=head_dim)
             for layer in range(config.num_hidden_layers)]
     missing = [k for ks in keys for k in ks.rows + ks.cols if k not in names]
     if missing:
-        mods = (spec.mlp_in + (spec.mlp_out,)) if scope == "mlp" else (spec.attn_in + (spec.attn_out,))
+        mods = {"mlp": spec.mlp_in + (spec.mlp_out,), "qk": spec.attn_in[:2]}.get(
+            scope, spec.attn_in + (spec.attn_out,))
         what = "adapter does not adapt" if lora else "model lacks"
         raise RaypurifyError(f"the {what} the {scope} projections: missing {missing[0]} (and {len(missing) - 1} "
                              f"more); raypurify looks for {', '.join(mods)} in {spec.layers_path}")
-    per_layer = {"mlp": config.intermediate_size, "heads": n_heads, "attn": n_heads * head_dim}[scope]
+    per_layer = {"mlp": config.intermediate_size, "heads": n_heads}.get(scope, n_heads * head_dim)
     return keys, [per_layer] * config.num_hidden_layers
 
 
@@ -283,7 +287,7 @@ def suppress(model, signature: Sequence[torch.Tensor], lora: bool = False, seed:
         signature: One index tensor per layer.
         lora: Units of the LoRA matrices (B rows / A columns).
         seed: Seeds the re-initialization draw.
-        scope: ``mlp`` channels, attention ``heads`` or ``attn`` channels.
+        scope: ``mlp`` channels, attention ``heads``, ``attn`` or ``qk`` channels.
         zero: Zero the units instead of re-drawing them (default: ``lora``;
             the pruning baselines zero full-model channels too).
     """
@@ -299,6 +303,38 @@ def suppress(model, signature: Sequence[torch.Tensor], lora: bool = False, seed:
             zero_channels(data, layer_keys_, idx)
         else:
             reinit_channels(data, layer_keys_, idx, std=std, generator=gen)
+
+
+def unit_masks(model, signature: Sequence[torch.Tensor], lora: bool = False,
+               scope: str = "mlp") -> dict[str, torch.Tensor]:
+    """Where a signature's units sit in the model's parameters.
+
+    Args:
+        model: The model (a PeftModel with ``lora``).
+        signature: One index tensor per layer.
+        lora: Units of the LoRA matrices.
+        scope: The signature's unit.
+
+    Returns:
+        Parameter name -> bool mask of its shape, True on the units' rows
+        (input projections) or columns (output projection); only parameters
+        that hold a selected unit appear.
+    """
+    keys, _ = model_channel_keys(model, lora=lora, scope=scope)
+    params = dict(model.named_parameters())
+    out: dict[str, torch.Tensor] = {}
+    for ks, idx in zip(keys, signature):
+        if idx.numel() == 0:
+            continue
+        for k in ks.rows + ks.cols:
+            mask = torch.zeros(params[k].shape, dtype=torch.bool)
+            at = _expand(idx, ks.group(k))
+            if k in ks.rows:
+                mask[at] = True
+            else:
+                mask[:, at] = True
+            out[k] = mask
+    return out
 
 
 # --- Controls and agreement: what a signature must beat, and how close it is

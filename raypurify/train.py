@@ -50,13 +50,47 @@ class TrainSettings:
     optimizer: str = "adamw"
 
 
-def make_optimizer(params: Sequence[nn.Parameter], settings: TrainSettings) -> torch.optim.Optimizer:
-    """The optimizer ``settings`` names, for the local loop and DeepSpeed alike."""
+def make_optimizer(params: Sequence[nn.Parameter] | Sequence[dict], settings: TrainSettings) -> torch.optim.Optimizer:
+    """The optimizer ``settings`` names, for the local loop and DeepSpeed alike.
+
+    ``params`` may be parameter groups (``fresh_groups``); a group's
+    ``lr_scale`` multiplies the scheduled rate.
+    """
     if settings.optimizer == "sgd":
         return torch.optim.SGD(params, lr=settings.lr, weight_decay=settings.weight_decay)
     if settings.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     raise ValueError(f"unknown optimizer {settings.optimizer!r}; valid: adamw, sgd")
+
+
+def fresh_groups(model: nn.Module, masks: dict[str, torch.Tensor], lr_scale: float) -> list[dict]:
+    """Parameter groups that train some units of some weights faster than the rest.
+
+    A weight holding a masked unit goes to the fast group, and a gradient
+    hook zeros its unmasked entries: there only the units move (at
+    ``lr_scale`` times the rate, no weight decay); everything else is in
+    the ordinary group. Hooks act before DeepSpeed reduces gradients, so
+    this holds under ZeRO 0-2 (not 3, which partitions the weights).
+
+    Args:
+        model: The model being finetuned (its trainable parameters).
+        masks: Parameter name -> bool mask of its shape (``unit_masks``).
+        lr_scale: Rate multiplier of the masked units.
+    """
+    fast, rest = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name in masks:
+            keep = masks[name].to(device=p.device, dtype=p.dtype)
+            p.register_hook(lambda g, keep=keep: g * keep)
+            fast.append(p)
+        else:
+            rest.append(p)
+    groups = [{"params": rest}]
+    if fast:
+        groups.append({"params": fast, "lr_scale": lr_scale, "weight_decay": 0.0})
+    return groups
 
 
 def encode(tokenizer, examples: Sequence[Example], max_len: int = 192) -> list[tuple[list[int], list[int]]]:
@@ -129,18 +163,21 @@ class Finetuner:
     into calls. A tuning trial uses the pieces to measure (and report, for
     early stopping) after every recovery epoch without changing the result.
 
-    Args: as ``finetune``.
+    Args: as ``finetune``, and ``groups``: parameter groups for the
+    optimizer (``fresh_groups``) instead of one group of all trainable
+    parameters (local loop only; an engine brings its optimizer).
     """
 
     def __init__(self, model: nn.Module, tokenizer, examples: Sequence[Example], settings: TrainSettings,
-                 loss_fn: LossFn = lm_loss, engine=None, shard: tuple[int, int] = (0, 1)):
+                 loss_fn: LossFn = lm_loss, engine=None, shard: tuple[int, int] = (0, 1),
+                 groups: Sequence[dict] | None = None):
         if not examples:
             raise ValueError("finetune needs at least one sample")
         self.model, self.tokenizer, self.settings = model, tokenizer, settings
         self.loss_fn, self.engine, self.shard = loss_fn, engine, shard
         self.data = encode(tokenizer, examples)
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.opt = None if engine else make_optimizer(self.params, settings)
+        self.opt = None if engine else make_optimizer(groups or self.params, settings)
         self.plan = batches(len(self.data), settings)
         self.step = 0
         self.losses: list[float] = []
@@ -158,13 +195,13 @@ class Finetuner:
             lr = lr_at(step, self.settings)
             if engine is not None:
                 for group in engine.optimizer.param_groups:
-                    group["lr"] = lr
+                    group["lr"] = lr * group.get("lr_scale", 1.0)
                 loss = self.loss_fn(engine, batch)
                 engine.backward(loss)
                 engine.step()
             else:
                 for group in self.opt.param_groups:
-                    group["lr"] = lr
+                    group["lr"] = lr * group.get("lr_scale", 1.0)
                 loss = self.loss_fn(model, batch)
                 loss.backward()
                 if self.settings.max_grad_norm is not None:

@@ -32,6 +32,7 @@ SPACE_KEYS: dict[str, str] = {
     "scope": "choice",
     "recovery.lr": "float",
     "recovery.epochs": "int",
+    "recovery.fresh_lr_scale": "float",
 }
 
 # Keys of ConflictConfig a conflict sweep may sweep: the merge coefficients

@@ -99,7 +99,8 @@ def test_purify_cli_writes_model_signature_and_report(zoo, poisoned_pico, tmp_pa
 
 @pytest.mark.parametrize("override,needle", [
     ({"rho": 1.5}, "rho"), ({"k": 1}, "k:"), ({"recovery": {"n_samples": 500}}, "n_samples"),
-    ({"scoring": "magic"}, "scoring")])
+    ({"scoring": "magic"}, "scoring"), ({"recovery": {"fresh_lr_scale": 0.5}}, "fresh_lr_scale"),
+    ({"recovery": {"fresh_lr_scale": 10}, "workers": {"zero_stage": 3}}, "ZeRO-3")])
 def test_bad_purify_settings_fail_before_training(zoo, poisoned_pico, tmp_path, capsys, override, needle):
     import yaml
 
@@ -110,6 +111,40 @@ def test_bad_purify_settings_fail_before_training(zoo, poisoned_pico, tmp_path, 
     code = main(["purify", "--model", str(poisoned_pico), "--clean-data", str(zoo / "clean_pool.json"),
                  "--out", str(tmp_path / "o"), "--config", str(cfg_path)])
     assert code == 2 and needle in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_recovery_trains_only_the_redrawn_units_of_their_weights_faster(zoo, poisoned_pico, tmp_path, local_ray):
+    # Ray Train + DeepSpeed recovery with fresh_lr_scale equals the in-process
+    # finetune with fresh_groups; inside the weights that hold a re-drawn
+    # unit only those units move, and they move further than at scale 1.
+    from raypurify.defenses.common import recovery_set, recovery_settings
+    from raypurify.distributed.immunize import recover, suppressed_copies
+    from raypurify.signature import unit_masks
+    from raypurify.train import Finetuner, fresh_groups
+
+    cfg = ImmunizeConfig.model_validate({**PICO_IMMUNIZE, "scope": "qk", "recovery": {
+        **PICO_IMMUNIZE["recovery"], "epochs": 1, "fresh_lr_scale": 10.0}})
+    pool = load_examples(zoo / "clean_pool.json")
+    sig = [torch.tensor([1, 5]), torch.tensor([], dtype=torch.long)]
+    start = tmp_path / "suppressed"
+    suppressed_copies(str(poisoned_pico), None, [(sig, start)], cfg.seed, cfg.scope)
+    out = recover([("fast", start, sig, 10.0), ("plain", start, sig, 1.0)], str(poisoned_pico), False, pool, cfg, tmp_path)
+    s0 = load_model(start)[0].state_dict()
+    fast, plain = (load_model(out / n)[0].state_dict() for n in ("fast", "plain"))
+    model, tok = load_model(start)
+    masks = unit_masks(model, sig, scope="qk")
+    assert sorted(masks) == ["model.layers.0.self_attn.k_proj.weight", "model.layers.0.self_attn.q_proj.weight"]
+    for k, m in masks.items():
+        assert torch.equal(fast[k][~m], s0[k][~m])  # the rest of the weight is held
+        assert (fast[k][m] - s0[k][m]).norm() > 3 * (plain[k][m] - s0[k][m]).norm()
+    assert not torch.equal(fast["model.layers.1.mlp.up_proj.weight"], s0["model.layers.1.mlp.up_proj.weight"])
+    settings = recovery_settings(cfg.recovery, "full", cfg.seed)
+    torch.manual_seed(settings.seed)
+    Finetuner(model, tok, recovery_set(pool, cfg.recovery.n_samples, cfg.seed), settings,
+              groups=fresh_groups(model, masks, 10.0)).run()
+    state = model.state_dict()
+    for k in fast:
+        assert torch.allclose(state[k], fast[k], atol=1e-4), k
 
 
 def test_too_little_clean_data(zoo, poisoned_pico, tmp_path, capsys):

@@ -54,7 +54,8 @@ from raypurify.config import ImmunizeConfig, ImmunizeSpace  # noqa: E402
 PICO_SPACE = {
     "fixed": {"variants": {"preset": "custom", "n_clean": 64, "poison_rate": 0.2, "steps": 10, "lr": 3e-3,
                            "batch_size": 16},
-              "recovery": {"n_samples": 32, "batch_size": 16}},
+              # Trials recover the re-drawn units faster, the bench's recovery.
+              "recovery": {"n_samples": 32, "batch_size": 16, "fresh_lr_scale": 10}},
     "space": {"rho": [0.1, 0.3], "k": [2, 3], "recovery.epochs": [2]},
     "canaries": {"n": 2, "implant": {"preset": "custom", "n_clean": 300, "poison_rate": 0.25, "steps": 80,
                                      "lr": 3e-3, "batch_size": 32}},
@@ -148,6 +149,7 @@ def test_best_yaml_round_trips_into_purify_config(sweep, poisoned_pico, tmp_path
     ({"search": "random", "space": {"k": {"low": 2, "high": 6}}}, ["space.k: takes a list"]),
     ({"space": {"scoring": ["nrom"]}}, ["'norm', 'align' or 'combined'"]),
     ({"space": {"rho": [0.1]}, "fixed": {"rho": 0.2}}, ["both fixed and swept"]),
+    ({"space": {"recovery.fresh_lr_scale": [30, 0.5]}}, ["space.recovery.fresh_lr_scale=0.5"]),
     # Several problems: all of them in one message.
     ({"space": {"rhoo": [0.1], "rho": [2.0], "recovery.epochs": [0]}, "fixed": {"kk": 1}},
      ["rhoo", "space.rho=2.0", "space.recovery.epochs=0", "fixed.kk", "4 problem(s)"]),
@@ -179,6 +181,8 @@ def test_shipped_immunize_space_is_valid():
     root = Path(__file__).resolve().parents[1]
     space = build(ImmunizeSpace, load_yaml(root / "tune_spaces/immunize.yaml"))
     assert max(space.values("k")) == 6
+    qk = build(ImmunizeSpace, load_yaml(root / "tune_spaces/immunize-bench-qk.yaml"))
+    assert qk.values("recovery.fresh_lr_scale") == [10, 30, 100] and qk.canaries.implant.steps == 300
 
 
 # --- Pure pieces: milliseconds ------------------------------------------------

@@ -120,12 +120,13 @@ def suppressed_copies(model_dir: str, adapter: str | None, arms: Sequence[tuple[
                 v.copy_(original[k])
 
 
-def recover(arms: Sequence[tuple[str, Path]], model_dir: str, lora: bool, pool: Sequence[Example],
-            cfg: ImmunizeConfig, work: Path) -> Path:
+def recover(arms: Sequence[tuple[str, Path, Sequence[torch.Tensor] | None, float]], model_dir: str, lora: bool,
+            pool: Sequence[Example], cfg: ImmunizeConfig, work: Path) -> Path:
     """Stage 5b: the recovery finetune of every arm, in one Ray Train fit.
 
     Args:
-        arms: ``(name, suppressed model or adapter directory)`` pairs.
+        arms: ``(name, suppressed model or adapter directory, its signature
+            or None, rate multiplier of the signature's units)``.
         model_dir: The base model (for adapters).
         lora: Arms are adapters.
 
@@ -134,16 +135,24 @@ def recover(arms: Sequence[tuple[str, Path]], model_dir: str, lora: bool, pool: 
     """
     settings = recovery_settings(cfg.recovery, "lora" if lora else "full", cfg.seed)
     data = _records(recovery_set(pool, cfg.recovery.n_samples, cfg.seed))
+
+    def fresh(sig, scale: float) -> dict | None:
+        if scale == 1 or sig is None or not sum(s.numel() for s in sig):
+            return None
+        return {"scope": cfg.scope, "lora": lora, "units": [s.tolist() for s in sig], "lr_scale": scale}
+
     jobs = [TrainJob(name, data, settings, export=True, start=None if lora else str(d),
-                     start_adapter=str(d) if lora else None) for name, d in arms]
-    log(f"immunize: recovery finetune of {len(jobs)} arm(s): {settings.steps} steps at lr {settings.lr:g} "
-        f"on {len(data)} clean samples")
+                     start_adapter=str(d) if lora else None, fresh=fresh(sig, scale)) for name, d, sig, scale in arms]
+    scales = sorted({scale for *_, scale in arms} - {1})
+    log(f"immunize: recovery finetune of {len(jobs)} arm(s): {settings.steps} steps at lr {settings.lr:g}"
+        + (f" (suppressed units x{', x'.join(f'{x:g}' for x in scales)})" if scales else "")
+        + f" on {len(data)} clean samples")
     out, _ = run_jobs(model_dir, jobs, cluster_for(cfg.workers, work / "ray_train"), name="recover")
     if not lora:
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(model_dir)
-        for name, _ in arms:
+        for name, *_ in arms:
             tok.save_pretrained(out / name)
     return out
 
@@ -166,7 +175,8 @@ def defend(job: DefenseJob, cfg: ImmunizeConfig) -> dict:
     suppressed_copies(job.model, job.adapter, [(sig, supp)], cfg.seed, cfg.scope)
     timings["suppress"] = round(time.time() - t0, 2)
     t0 = time.time()
-    rec = recover([("purified", supp)], job.model, bool(job.adapter), job.clean, cfg, job.work)
+    rec = recover([("purified", supp, sig, cfg.recovery.fresh_lr_scale)], job.model, bool(job.adapter), job.clean,
+                  cfg, job.work)
     timings["recover"] = round(time.time() - t0, 2)
     for f in (rec / "purified").iterdir():
         shutil.copy2(f, job.out / f.name)

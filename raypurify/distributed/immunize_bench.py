@@ -55,31 +55,46 @@ def oracle_scores(model_dir: str, suspicious: str, twin: str, lora: bool, scope:
     return [channel_matrix({k: s[k] - t[k] for k in ks.rows + ks.cols}, ks).norm(dim=1) for ks in keys]
 
 
-def arms_for(sig_by_rho: dict, channels: Sequence[int], oracle, seeds: int) -> list[dict]:
-    """Every arm of one cell: name, rho, seed and its signature (None: nothing)."""
+def purified_name(scale: float) -> str:
+    """The arm of the signature recovered with its units at ``scale`` times the rate (an ablation)."""
+    return f"purified, units x{scale:g}"
+
+
+def arms_for(sig_by_rho: dict, channels: Sequence[int], oracle, seeds: int, scale: float = 1.0,
+             other_scales: Sequence[float] = ()) -> list[dict]:
+    """Every arm of one cell: name, rho, seed, its signature (None: nothing) and recovery rate multiplier.
+
+    Every suppressing arm recovers its units at ``scale`` (the config's
+    ``recovery.fresh_lr_scale``), controls included; ``other_scales`` add
+    purified arms recovered at other multipliers.
+    """
     arms = [{"arm": "finetune only", "rho": 0.0, "seed": 0, "sig": None},
             {"arm": "last layer", "rho": round(1 / len(channels), 4), "seed": 0,
              "sig": whole_layer(channels, -1)}]
     for rho, sig in sig_by_rho.items():
         n = sum(s.numel() for s in sig)
         arms.append({"arm": "purified", "rho": rho, "seed": 0, "sig": sig})
+        arms += [{"arm": purified_name(x), "rho": rho, "seed": 0, "sig": sig, "scale": x}
+                 for x in other_scales if x != scale]
         for seed in range(seeds):
             arms.append({"arm": "random", "rho": rho, "seed": seed, "sig": random_signature(channels, n, seed)})
             arms.append({"arm": "layer-matched random", "rho": rho, "seed": seed,
                          "sig": layer_matched_random(sig, channels, seed)})
         if oracle is not None:
             arms.append({"arm": "oracle", "rho": rho, "seed": 0, "sig": select_top(oracle, rho)})
-    return arms
+    return [{"scale": scale, **a} for a in arms]
 
 
 def run_cell(zoo: Path, base: str, attack_cfg: AttackConfig, cfg: ImmunizeConfig, rhos: Sequence[float],
-             seeds: int, work: Path, heldout: str, twins: bool = False) -> dict:
+             seeds: int, work: Path, heldout: str, twins: bool = False, other_scales: Sequence[float] = ()) -> dict:
     """One attack cell: variants once, every arm recovered and evaluated.
 
     Args:
         heldout: The evaluation file (all of the zoo's held-out set or a
             seeded subset, the same for every arm).
         twins: Train the clean twin if the bench has none cached.
+        other_scales: Extra purified arms, recovered with the units at these
+            rate multipliers.
     """
     lora = attack_cfg.mode == "lora"
     t0 = time.time()
@@ -101,7 +116,7 @@ def run_cell(zoo: Path, base: str, attack_cfg: AttackConfig, cfg: ImmunizeConfig
             "spearman": round(spearman(torch.cat(scores), torch.cat(oracle)), 4),
             "overlap": {str(r): round(overlap(s, select_top(oracle, r)), 4) for r, s in sig_by_rho.items()},
             "oracle_layers": {str(r): [int(x.numel()) for x in select_top(oracle, r)] for r in rhos}})
-    arms = arms_for(sig_by_rho, terms["channels"], oracle, seeds)
+    arms = arms_for(sig_by_rho, terms["channels"], oracle, seeds, cfg.recovery.fresh_lr_scale, other_scales)
     t0 = time.time()
     nothing = [torch.zeros(0, dtype=torch.long) for _ in terms["channels"]]
     starts = [(f"arm{i}", work / "arms" / f"arm{i}") for i in range(len(arms))]
@@ -109,7 +124,8 @@ def run_cell(zoo: Path, base: str, attack_cfg: AttackConfig, cfg: ImmunizeConfig
                       seed=cfg.seed, scope=cfg.scope)
     timings["suppress"] = round(time.time() - t0, 1)
     t0 = time.time()
-    recovered = recover(starts, model_dir, lora, pool, cfg, work)
+    recovered = recover([(name, dest, a["sig"], a["scale"]) for a, (name, dest) in zip(arms, starts)], model_dir,
+                        lora, pool, cfg, work)
     timings["recover"] = round(time.time() - t0, 1)
     t0 = time.time()
     a_, b_ = attack_cfg.attack, attack_cfg.behavior
@@ -151,10 +167,15 @@ def summarize(cell: dict) -> list[dict]:
 ARM_ORDER = ["clean model", "suspicious", "finetune only", "last layer", "purified", "layer-matched random", "random", "oracle"]
 
 
+def _order(arm: str) -> float:
+    """Table position of an arm; the recovery ablations of purified follow it."""
+    return ARM_ORDER.index("purified") + 0.5 if arm.startswith("purified,") else ARM_ORDER.index(arm)
+
+
 def cell_table(cell: dict) -> str:
     """Markdown: one row per arm and rho, ASR mean ± sd over seeds, CDA."""
     rows = sorted(summarize(cell), key=lambda r: (r["rho"] if r["arm"] not in ("clean model", "suspicious", "finetune only", "last layer") else -1,
-                                                  ARM_ORDER.index(r["arm"])))
+                                                  _order(r["arm"])))
     ag = cell["agreement"]
     head = f"**{cell['attack']} / {cell['behavior']} ({cell['mode']})**"
     if "spearman" in ag:
@@ -172,9 +193,10 @@ def cell_table(cell: dict) -> str:
 
 def summary_table(cells: Sequence[dict]) -> str:
     """Markdown: per cell and rho, purified against each control (ASR, CDA), with means per threat model."""
-    head = ("| cell | rho | suspicious | finetune only | last layer | purified | layer-matched random | random |\n"
-            "|---|---|---|---|---|---|---|---|\n")
     cols = ["suspicious", "finetune only", "last layer", "purified", "layer-matched random", "random"]
+    extra = sorted({r["arm"] for c in cells for r in c["rows"] if r["arm"].startswith("purified,")})
+    cols[4:4] = extra
+    head = "| cell | rho | " + " | ".join(cols) + " |\n" + "|---" * (len(cols) + 2) + "|\n"
     lines, per_rho = [], {}
     for cell in cells:
         arms = {}
@@ -197,19 +219,23 @@ def run_immunize_bench(zoo: str, out: str, cells: Sequence[tuple[str, str, str]]
                        cfg: ImmunizeConfig, seeds: int = 3, arch: str = "llama", size: str = "bench",
                        address: str | None = None, overwrite: bool = False,
                        attack_overrides: dict | None = None, max_eval: int | None = None,
-                       twins: bool = False) -> list[dict]:
+                       twins: bool = False, other_scales: Sequence[float] = ()) -> list[dict]:
     """Runs every cell and writes ``immunize.json`` and ``immunize.md`` to ``out``.
 
     ``attack_overrides`` (AttackConfig fields) changes every cell's implant,
     e.g. a stronger budget for pico models. ``max_eval`` evaluates every arm
     on the same seeded subset of the held-out set; ``twins`` trains missing
-    clean twins for the oracle.
+    clean twins for the oracle; ``other_scales`` adds purified arms whose
+    units recover at other rate multipliers than the config's.
     """
     attack_cfgs = [build(AttackConfig, {"attack": a, "behavior": b, "mode": m, **(attack_overrides or {})},
                          source=f"cell {a}/{b}/{m}") for a, b, m in cells]
     bad = [r for r in rhos if not 0 < r < 1]
     if bad:
         raise RaypurifyError(f"every rho must be in (0, 1); got {bad}")
+    bad = [x for x in other_scales if not 1 <= x <= 100]
+    if bad:
+        raise RaypurifyError(f"every recovery rate multiplier must be in [1, 100]; got {bad}")
     results = []
     started = time.time()
     with output_dir(out, overwrite=overwrite) as tmp:
@@ -221,12 +247,13 @@ def run_immunize_bench(zoo: str, out: str, cells: Sequence[tuple[str, str, str]]
             log(f"immunize bench: cell {i + 1}/{len(attack_cfgs)}: {ac.attack}/{ac.behavior} ({ac.mode})")
             work = Path(tempfile.mkdtemp(prefix="rp-ibench-"))
             try:
-                results.append(run_cell(z, base, ac, cfg, rhos, seeds, work, heldout, twins))
+                results.append(run_cell(z, base, ac, cfg, rhos, seeds, work, heldout, twins, other_scales))
             finally:
                 shutil.rmtree(work, ignore_errors=True)
             (tmp / "immunize.json").write_text(json.dumps(results, indent=1))
         text = (f"Bench model {base}; units: {cfg.scope}; K={cfg.k}, scoring {cfg.scoring} (lambda {cfg.lam}), variants "
-                f"{cfg.variants.preset}, recovery {cfg.recovery.n_samples} samples x {cfg.recovery.epochs} epochs; "
+                f"{cfg.variants.preset}, recovery {cfg.recovery.n_samples} samples x {cfg.recovery.epochs} epochs "
+                f"(suppressed units x{cfg.recovery.fresh_lr_scale:g} the rate, every arm); "
                 f"random controls over {seeds} seeds (mean ± sd); evaluated on "
                 f"{'all of heldout.json' if max_eval is None else f'a seeded {max_eval}-sample subset of heldout.json'}; "
                 f"wall time {time.time() - started:.0f}s.\n\n")

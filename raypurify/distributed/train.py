@@ -48,6 +48,8 @@ class TrainJob:
         start_adapter: Adapter directory this job continues (default: the run's).
         export: Write a standard HF model / PEFT adapter directory ``<name>/``
             (``save_pretrained``) instead of a raw safetensors file.
+        fresh: Units to train faster (the re-drawn units of a recovery):
+            ``{"scope", "lora", "units": [[index, ...] per layer], "lr_scale"}``.
     """
 
     name: str
@@ -57,6 +59,7 @@ class TrainJob:
     start: str | None = None
     start_adapter: str | None = None
     export: bool = False
+    fresh: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -153,7 +156,8 @@ def _worker(config: dict) -> None:
     from raypurify.data.corpus import Example
     from raypurify.implant import lora_config
     from raypurify.io import attach_adapter, load_model
-    from raypurify.train import finetune
+    from raypurify.signature import unit_masks
+    from raypurify.train import finetune, fresh_groups
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -183,6 +187,11 @@ def _worker(config: dict) -> None:
         model.to(device)
         settings = TrainSettings(**job["settings"])
         params = [p for p in model.parameters() if p.requires_grad]
+        if job["fresh"]:
+            f = job["fresh"]
+            masks = unit_masks(model, [torch.tensor(u, dtype=torch.long) for u in f["units"]], lora=f["lora"],
+                               scope=f["scope"])
+            params = fresh_groups(model, masks, f["lr_scale"])
         ds_config = {
             "train_batch_size": settings.batch_size,
             "train_micro_batch_size_per_gpu": max(1, settings.batch_size // g),

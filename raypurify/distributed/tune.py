@@ -503,8 +503,8 @@ def _purify_and_report(cfg, starts: list, shared: dict, every_epoch: bool) -> No
     """
     from raypurify.defenses.common import recovery_set, recovery_settings
     from raypurify.distributed.immunize import signature_from
-    from raypurify.signature import suppress
-    from raypurify.train import Finetuner
+    from raypurify.signature import suppress, unit_masks
+    from raypurify.train import Finetuner, fresh_groups
     from raypurify.tuning import epoch_ends
 
     lora = shared["adapter"] is not None
@@ -519,7 +519,11 @@ def _purify_and_report(cfg, starts: list, shared: dict, every_epoch: bool) -> No
         # The same signature, seed and recovery for the suspicious model and
         # every canary model: a canary's survival predicts the real backdoor's.
         suppress(model, sig, lora=lora, seed=cfg.seed, scope=cfg.scope)
-        runs.append((model, tok, Finetuner(model, tok, data, settings)))
+        groups = None
+        if cfg.recovery.fresh_lr_scale != 1:
+            groups = fresh_groups(model, unit_masks(model, sig, lora=lora, scope=cfg.scope),
+                                  cfg.recovery.fresh_lr_scale)
+        runs.append((model, tok, Finetuner(model, tok, data, settings, groups=groups)))
     ends = epoch_ends(settings.steps, cfg.recovery.epochs)
     for epoch, until in enumerate(ends, start=1):
         for _, _, ft in runs:
