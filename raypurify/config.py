@@ -338,6 +338,10 @@ class CanarySettings(Strict):
     n: int = Field(2, ge=1, le=8, description="canary models implanted into copies of the suspicious model")
     kinds: list[Literal["hostile", "refusal", "code"]] = Field(
         default_factory=lambda: ["hostile", "refusal"], min_length=1, description="decoy kinds, cycled")
+    forms: list[Literal["phrase", "word", "sentence"]] = Field(
+        default_factory=lambda: ["phrase"], min_length=1,
+        description="trigger forms, cycled: two invented words, one invented word at a random slot, or a "
+                    "context sentence in front (raypurify/canaries.py)")
     seed: int = Field(0, description="seed of the canary family (own seed space, apart from the variants')")
     implant: VariantRegime = Field(default_factory=VariantRegime,
                                    description="how a canary is implanted (default: like a variant, implant-like)")

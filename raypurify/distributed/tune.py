@@ -218,7 +218,7 @@ def canary_jobs(space, rest: list, mode: str, avoid: list = ()) -> tuple[list, l
     from raypurify.train import TrainSettings
 
     c = space.canaries
-    canaries = make_canaries(c.n, c.seed, avoid=avoid, kinds=c.kinds)
+    canaries = make_canaries(c.n, c.seed, avoid=avoid, kinds=c.kinds, forms=c.forms)
     n_clean = c.implant.resolved("n_clean", mode)
     rate = c.implant.resolved("poison_rate", mode)
     n_poison = max(1, round(rate * n_clean / (1 - rate)))
