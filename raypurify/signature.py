@@ -64,6 +64,15 @@ def _expand(channels: torch.Tensor, g: int) -> torch.Tensor:
     return (channels.unsqueeze(1) * g + torch.arange(g)).flatten()
 
 
+def scope_modules(spec: ArchSpec, scope: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The input projections (units are rows) and output projections (units are columns) of a scope."""
+    if scope == "mlp":
+        return spec.mlp_in, (spec.mlp_out,)
+    if scope == "qk":
+        return spec.attn_in[:2], ()
+    return spec.attn_in, (spec.attn_out,)
+
+
 def layer_keys(spec: ArchSpec, layer: int, lora: bool = False, bias_keys: Sequence[str] = (),
                scope: str = "mlp", head_dim: int = 1) -> ChannelKeys:
     """The keys of one layer's units for a model or a LoRA adapter.
@@ -79,8 +88,7 @@ def layer_keys(spec: ArchSpec, layer: int, lora: bool = False, bias_keys: Sequen
             ``attn`` (attention channels) or ``qk`` (query/key channels).
         head_dim: Rows per head in each of q/k/v (``heads`` scope).
     """
-    ins, outs = {"mlp": (spec.mlp_in, (spec.mlp_out,)), "qk": (spec.attn_in[:2], ())}.get(
-        scope, (spec.attn_in, (spec.attn_out,)))
+    ins, outs = scope_modules(spec, scope)
     # A fused QKV projection (GPT-NeoX) lays its rows out head by head, each
     # head's q, k and v together: 3 * head_dim rows per head.
     g_in = head_dim * (3 if len(ins) == 1 else 1) if scope == "heads" else 1
@@ -268,8 +276,7 @@ def model_channel_keys(model, lora: bool = False, scope: str = "mlp") -> tuple[l
             for layer in range(config.num_hidden_layers)]
     missing = [k for ks in keys for k in ks.rows + ks.cols if k not in names]
     if missing:
-        mods = {"mlp": spec.mlp_in + (spec.mlp_out,), "qk": spec.attn_in[:2]}.get(
-            scope, spec.attn_in + (spec.attn_out,))
+        mods = sum(scope_modules(spec, scope), ())
         what = "adapter does not adapt" if lora else "model lacks"
         raise RaypurifyError(f"the {what} the {scope} projections: missing {missing[0]} (and {len(missing) - 1} "
                              f"more); raypurify looks for {', '.join(mods)} in {spec.layers_path}")
