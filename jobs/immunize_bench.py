@@ -34,11 +34,15 @@ if __name__ == "__main__":
     p.add_argument("--cells", default=",".join("/".join(c) for c in FULL + LORA),
                    help="comma-separated attack/behavior/mode cells")
     p.add_argument("--rhos", default="0.03,0.05,0.1", help="comma-separated intervention ratios")
-    p.add_argument("--seeds", type=int, default=3, help="seeds of each random control")
+    p.add_argument("--seeds", type=int, default=3,
+                   help="seeds of every arm but the oracle (re-draw and recovery order; random controls' units)")
     p.add_argument("--max-eval", type=int, help="evaluate every arm on this seeded subset of the held-out set")
     p.add_argument("--fresh-scales", default="",
                    help="comma-separated extra purified arms: the signature's units recovered at these rate "
                         "multipliers (the config's recovery.fresh_lr_scale applies to every other arm)")
+    p.add_argument("--suppress-scopes", default="",
+                   help="comma-separated extra purified arms that suppress only this part of each unit "
+                        "(e.g. q with a qk config; the config's suppress_scope applies to every other arm)")
     p.add_argument("--twins", action="store_true", help="train missing clean twins for the oracle (~150 s a cell)")
     p.add_argument("--address", help="Ray cluster address (default: embedded local Ray)")
     p.add_argument("--overwrite", action="store_true")
@@ -61,7 +65,8 @@ if __name__ == "__main__":
         run_immunize_bench(a.zoo, a.out, cells, floats(a.rhos, "--rhos"), cfg, seeds=a.seeds,
                            size=size, address=a.address, overwrite=a.overwrite,
                            max_eval=a.max_eval, twins=a.twins or a.smoke_test,
-                           other_scales=floats(a.fresh_scales, "--fresh-scales"))
+                           other_scales=floats(a.fresh_scales, "--fresh-scales"),
+                           other_scopes=[x for x in a.suppress_scopes.split(",") if x.strip()])
     except RaypurifyError as e:
         print(f"raypurify: error: {e}", file=sys.stderr)
         sys.exit(2)

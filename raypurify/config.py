@@ -205,8 +205,12 @@ class ImmunizeConfig(Strict):
     lam: float = Field(0.01, ge=0, description="weight of the alignment term (combined mode)")
     scoring: Literal["norm", "align", "combined"] = "combined"
     per_layer: bool = Field(False, description="top-rho of every layer instead of global")
-    scope: Literal["mlp", "heads", "attn", "qk"] = Field(
-        "mlp", description="units: MLP channels, attention heads, attention channels or query/key channels")
+    scope: Literal["mlp", "heads", "attn", "qk", "q"] = Field(
+        "mlp", description="units scored: MLP channels, attention heads, attention channels, query/key or "
+                           "query channels")
+    suppress_scope: Literal["mlp", "heads", "attn", "qk", "q"] | None = Field(
+        None, description="the part of each selected unit that is re-drawn (zeroed for LoRA), default: all of "
+                          "`scope`; attn, qk and q index the same units (e.g. score qk, suppress q)")
     seed: int = 0
     variants: VariantRegime = VariantRegime()
     recovery: ImmunizeRecovery = ImmunizeRecovery()
@@ -216,8 +220,19 @@ class ImmunizeConfig(Strict):
         """Clean samples needed: one variant's subset, or the recovery set."""
         return max(self.variants.resolved("n_clean", "full"), self.recovery.n_samples)
 
+    @property
+    def suppressed_scope(self) -> str:
+        """The scope whose parameters suppression and recovery touch."""
+        return self.suppress_scope or self.scope
+
     @model_validator(mode="after")
-    def _workers_fit(self):
+    def _consistent(self):
+        from raypurify.signature import CHANNEL_SCOPES
+
+        if self.suppressed_scope != self.scope and not {self.scope, self.suppressed_scope} <= set(CHANNEL_SCOPES):
+            valid = ", ".join(CHANNEL_SCOPES) if self.scope in CHANNEL_SCOPES else self.scope
+            raise ValueError(f"suppress_scope {self.suppress_scope!r} does not index the units of scope "
+                             f"{self.scope!r}; valid: {valid}")
         if self.workers.num_workers % self.workers.group_size:
             raise ValueError(f"workers.group_size {self.workers.group_size} must divide "
                              f"workers.num_workers {self.workers.num_workers}")
@@ -390,6 +405,13 @@ class SweepSpace(Strict):
     space: dict[str, list[Any] | Range] = Field(min_length=1)
     canaries: CanarySettings = Field(default_factory=CanarySettings)
     utility: UtilityBudget = Field(default_factory=UtilityBudget)
+    # Why: one run's ASR at an intermediate rho moves by tens of points with
+    # the seed of the re-draw and of the recovery's data order (BadNets,
+    # the same 16 units: 0.21 with one seed, 0.91 with another), so one run
+    # per trial cannot rank neighbouring trials.
+    repeats: int = Field(1, ge=1, le=8, description="purification trials: runs with seeds seed .. seed+repeats-1 "
+                                                    "of re-draw and recovery order; the trial reports their means "
+                                                    "(holds repeats x (1 + canaries) models in memory)")
 
     @classmethod
     def config_class(cls) -> type[Strict]:
@@ -497,7 +519,7 @@ class ImmunizeSpace(SweepSpace):
         return SPACE_KEYS
 
     def scopes(self) -> set[str]:
-        return set(self.values("scope"))
+        return set(self.values("scope")) | {s for s in self.values("suppress_scope") if s}
 
 
 class ConflictSpace(SweepSpace):
@@ -523,7 +545,9 @@ class ConflictSpace(SweepSpace):
         return CONFLICT_KEYS
 
     def kind_problems(self) -> list[str]:
-        return _no_mergekit_yaml(self.fixed, "fixed.")
+        repeats = [] if self.repeats == 1 else [f"repeats: {self.repeats}: a merge trial has no seeded run to repeat; "
+                                                 "valid: 1 (repeats applies to immunize and combined sweeps)"]
+        return _no_mergekit_yaml(self.fixed, "fixed.") + repeats
 
 
 class CombinedSpace(SweepSpace):
@@ -553,7 +577,7 @@ class CombinedSpace(SweepSpace):
         return _no_mergekit_yaml(self.fixed.get("conflict"), "fixed.conflict.")
 
     def scopes(self) -> set[str]:
-        return set(self.values("immunize.scope"))
+        return set(self.values("immunize.scope")) | {s for s in self.values("immunize.suppress_scope") if s}
 
     def immunize_part(self) -> ImmunizeSpace:
         """The immunization half as an ImmunizeSpace, for the shared work of ``prepare_sweep``.
@@ -564,6 +588,7 @@ class CombinedSpace(SweepSpace):
         return ImmunizeSpace.model_construct(
             search=self.search, num_samples=self.num_samples, max_concurrent=self.max_concurrent,
             fixed=self.fixed.get("immunize", {}), canaries=self.canaries, utility=self.utility, asha=self.asha,
+            repeats=self.repeats,
             space={k.removeprefix("immunize."): v for k, v in self.space.items() if k.startswith("immunize.")})
 
 

@@ -22,7 +22,7 @@ from raypurify.data.corpus import Example
 from raypurify.errors import RaypurifyError
 from raypurify.io import load_model, output_dir, save_examples
 from raypurify.progress import log
-from raypurify.train import TrainSettings, finetune
+from raypurify.train import BENCH_THREADS, TrainSettings, finetune, pinned_threads
 
 
 def lora_config(model, r: int, alpha: int):
@@ -57,7 +57,7 @@ def implant(base_dir: str | Path, cfg: AttackConfig, pool: Sequence[Example], ou
     settings = TrainSettings(steps=cfg.resolved("steps"), batch_size=cfg.batch_size, lr=cfg.resolved("lr"),
                              warmup=10, seed=cfg.seed)
     record = {"kind": "twin" if twin_only else "attack", "base": str(Path(base_dir).absolute()), "config": cfg.model_dump(),
-              "train": asdict(settings), "poison_rate": cfg.poison_rate}
+              "train": asdict(settings), "poison_rate": cfg.poison_rate, "threads": BENCH_THREADS}
     with output_dir(out, overwrite=overwrite) as tmp:
         runs = [("", clean_twin)] if twin_only else [("", poisoned)] + ([("twin", clean_twin)] if twin else [])
         for sub, data in runs:
@@ -70,7 +70,8 @@ def implant(base_dir: str | Path, cfg: AttackConfig, pool: Sequence[Example], ou
                 from peft import get_peft_model
 
                 model = get_peft_model(model, lora_config(model, cfg.lora_r, cfg.lora_alpha))
-            finetune(model, tok, data, settings, desc=f"attack {cfg.attack}/{cfg.behavior}{' twin' if sub else ''}")
+            with pinned_threads():  # the same implant wherever it runs (a Ray task has 1 thread)
+                finetune(model, tok, data, settings, desc=f"attack {cfg.attack}/{cfg.behavior}{' twin' if sub else ''}")
             target = tmp / sub if sub else tmp
             target.mkdir(exist_ok=True)
             model.save_pretrained(target, safe_serialization=True)

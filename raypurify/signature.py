@@ -15,7 +15,11 @@ block of columns in o_proj (attention.dense). With ``scope="attn"`` it is an
 attention channel, the attention analogue of an MLP channel: row c of q, k
 and v and column c of o_proj (separate q/k/v projections only); with
 ``scope="qk"`` only row c of q and of k (the unit decides where a token
-attends, not what it carries). A whole head
+attends, not what it carries), with ``scope="q"`` only row c of q. The
+attention-channel scopes (attn, qk, q) index the same units, so a signature
+scored on one can be suppressed on another: the bench scores on qk and
+re-draws only the query rows (the trigger is read through the query side;
+the key rows, which ordinary prompts need too, are kept). A whole head
 turned out too coarse on the bench: the layer-0 heads that carry the BadNets
 trigger also carry much of the model's skill, and re-drawing one cost 20+
 CDA points that the light recovery could not repair. Everything downstream
@@ -34,7 +38,9 @@ from raypurify.arch import ArchSpec
 
 Mode = Literal["norm", "align", "combined"]
 SCORING_MODES: tuple[str, ...] = ("norm", "align", "combined")
-SCOPES: tuple[str, ...] = ("mlp", "heads", "attn", "qk")
+SCOPES: tuple[str, ...] = ("mlp", "heads", "attn", "qk", "q")
+# Scopes whose unit c is the same attention channel c (one row of q, k, v).
+CHANNEL_SCOPES: tuple[str, ...] = ("attn", "qk", "q")
 
 
 @dataclass(frozen=True)
@@ -68,8 +74,8 @@ def scope_modules(spec: ArchSpec, scope: str) -> tuple[tuple[str, ...], tuple[st
     """The input projections (units are rows) and output projections (units are columns) of a scope."""
     if scope == "mlp":
         return spec.mlp_in, (spec.mlp_out,)
-    if scope == "qk":
-        return spec.attn_in[:2], ()
+    if scope in ("qk", "q"):
+        return spec.attn_in[:{"qk": 2, "q": 1}[scope]], ()
     return spec.attn_in, (spec.attn_out,)
 
 
@@ -85,7 +91,8 @@ def layer_keys(spec: ArchSpec, layer: int, lora: bool = False, bias_keys: Sequen
         bias_keys: All keys of the state dict; input-projection biases found
             among them are included (full model only).
         scope: ``mlp`` (intermediate channels), ``heads`` (attention heads),
-            ``attn`` (attention channels) or ``qk`` (query/key channels).
+            ``attn`` (attention channels), ``qk`` (query/key channels) or
+            ``q`` (query channels).
         head_dim: Rows per head in each of q/k/v (``heads`` scope).
     """
     ins, outs = scope_modules(spec, scope)
@@ -250,13 +257,13 @@ def model_channel_keys(model, lora: bool = False, scope: str = "mlp") -> tuple[l
     Args:
         model: The model (a PeftModel with ``lora``).
         lora: Units of the adapter's LoRA matrices.
-        scope: ``mlp`` channels, attention ``heads``, ``attn`` or ``qk`` channels.
+        scope: ``mlp`` channels, attention ``heads``, ``attn``, ``qk`` or ``q`` channels.
 
     Raises:
         RaypurifyError: The architecture's module names are unknown, a LoRA
             adapter does not adapt the projections, (heads, attn) the
-            key/value heads are shared (grouped-query attention), or (attn)
-            q/k/v are one fused projection.
+            key/value heads are shared (grouped-query attention), or (attn,
+            qk, q) q/k/v are one fused projection.
     """
     from raypurify.arch import spec_for
     from raypurify.errors import RaypurifyError
@@ -268,7 +275,7 @@ def model_channel_keys(model, lora: bool = False, scope: str = "mlp") -> tuple[l
     if scope != "mlp" and getattr(config, "num_key_value_heads", n_heads) != n_heads:
         raise RaypurifyError(f"scope {scope!r} needs one key/value head per query head; this model uses "
                              f"grouped-query attention ({config.num_key_value_heads} kv heads); use scope 'mlp'")
-    if scope in ("attn", "qk") and len(spec.attn_in) == 1:
+    if scope in CHANNEL_SCOPES and len(spec.attn_in) == 1:
         raise RaypurifyError(f"scope {scope!r} needs separate q/k/v projections; {spec.attn_in[0]} fuses them "
                              "(valid here: mlp, heads)")
     head_dim = config.hidden_size // n_heads
@@ -294,7 +301,7 @@ def suppress(model, signature: Sequence[torch.Tensor], lora: bool = False, seed:
         signature: One index tensor per layer.
         lora: Units of the LoRA matrices (B rows / A columns).
         seed: Seeds the re-initialization draw.
-        scope: ``mlp`` channels, attention ``heads``, ``attn`` or ``qk`` channels.
+        scope: ``mlp`` channels, attention ``heads``, ``attn``, ``qk`` or ``q`` channels.
         zero: Zero the units instead of re-drawing them (default: ``lora``;
             the pruning baselines zero full-model channels too).
     """

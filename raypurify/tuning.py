@@ -30,6 +30,7 @@ SPACE_KEYS: dict[str, str] = {
     "scoring": "choice",
     "per_layer": "choice",
     "scope": "choice",
+    "suppress_scope": "choice",
     "recovery.lr": "float",
     "recovery.epochs": "int",
     "recovery.fresh_lr_scale": "float",
@@ -226,10 +227,13 @@ def trials_table(trials: Sequence[Mapping[str, Any]], swept: Sequence[str], max_
         if "canary_asr" not in t:
             lines.append("| " + " | ".join(cells + [f"failed: {t.get('error', '?')}"] + [""] * (len(head) - len(cells) - 1)) + " |")
             continue
-        cells += [f"{t['epochs_run']}{'' if t.get('complete') else ' (stopped)'}", f"{t['canary_asr']:.3f}",
-                  f"{t['cda']:.3f}", f"{t['cda_drop'] * 100:+.1f}", f"{t['ppl_ratio']:.3f}"]
+        # ± sd over the trial's repeats, where it ran several.
+        sd = lambda k: f" ± {t[k + '_sd']:.3f}" if k + "_sd" in t else ""  # noqa: E731
+        cells += [f"{t['epochs_run']}{'' if t.get('complete') else ' (stopped)'}", f"{t['canary_asr']:.3f}"
+                  + sd("canary_asr"), f"{t['cda']:.3f}", f"{t['cda_drop'] * 100:+.1f}", f"{t['ppl_ratio']:.3f}"]
         if benchmark:
-            cells += [f"{t['true_asr']:.3f}" if "true_asr" in t else "-", f"{t['true_cda']:.3f}" if "true_cda" in t else "-"]
+            cells += [f"{t['true_asr']:.3f}{sd('true_asr')}" if "true_asr" in t else "-",
+                      f"{t['true_cda']:.3f}" if "true_cda" in t else "-"]
         cells += ["yes" if within_budget(t, max_cda_drop) else "no"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

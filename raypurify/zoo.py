@@ -31,7 +31,7 @@ from raypurify.evaluate import clean_accuracy
 from raypurify.errors import RaypurifyError
 from raypurify.io import MARKER, load_examples, output_dir, save_examples
 from raypurify.progress import log
-from raypurify.train import TrainSettings, finetune
+from raypurify.train import BENCH_THREADS, TrainSettings, finetune, pinned_threads
 
 CORPUS_SEED = 0
 DATA_FILES = ("train.json", "clean_pool.json", "heldout.json")
@@ -114,9 +114,10 @@ def build_zoo(out: str | Path, archs: Sequence[str] = ("llama", "neox"),
             config = ARCHITECTURES[arch].make_config(SIZES[size], len(tokenizer), tokenizer.pad_token_id,
                                                      tokenizer.eos_token_id)
             model = AutoModelForCausalLM.from_config(config)
-            losses = finetune(model, tokenizer, splits["train"], TRAINING[size], desc=f"zoo {name}")
+            with pinned_threads():
+                losses = finetune(model, tokenizer, splits["train"], TRAINING[size], desc=f"zoo {name}")
             entry = {"key": key, "dir": name, "seconds": round(time.time() - t0, 1), "final_loss": losses[-1],
-                     "params": sum(p.numel() for p in model.parameters())}
+                     "params": sum(p.numel() for p in model.parameters()), "threads": BENCH_THREADS}
             if evaluate_models and size == "bench":
                 entry["cda"] = clean_accuracy(model, tokenizer, load_examples(root / "heldout.json"))
                 log(f"zoo: {name} held-out CDA {entry['cda']:.3f}")

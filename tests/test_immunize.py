@@ -100,7 +100,9 @@ def test_purify_cli_writes_model_signature_and_report(zoo, poisoned_pico, tmp_pa
 @pytest.mark.parametrize("override,needle", [
     ({"rho": 1.5}, "rho"), ({"k": 1}, "k:"), ({"recovery": {"n_samples": 500}}, "n_samples"),
     ({"scoring": "magic"}, "scoring"), ({"recovery": {"fresh_lr_scale": 0.5}}, "fresh_lr_scale"),
-    ({"recovery": {"fresh_lr_scale": 10}, "workers": {"zero_stage": 3}}, "ZeRO-3")])
+    ({"recovery": {"fresh_lr_scale": 10}, "workers": {"zero_stage": 3}}, "ZeRO-3"),
+    ({"scope": "mlp", "suppress_scope": "q"}, "does not index the units of scope 'mlp'; valid: mlp"),
+    ({"scope": "qk", "suppress_scope": "heads"}, "valid: attn, qk, q")])
 def test_bad_purify_settings_fail_before_training(zoo, poisoned_pico, tmp_path, capsys, override, needle):
     import yaml
 
@@ -118,7 +120,7 @@ def test_recovery_trains_only_the_redrawn_units_of_their_weights_faster(zoo, poi
     # finetune with fresh_groups; inside the weights that hold a re-drawn
     # unit only those units move, and they move further than at scale 1.
     from raypurify.defenses.common import recovery_set, recovery_settings
-    from raypurify.distributed.immunize import recover, suppressed_copies
+    from raypurify.distributed.immunize import Arm, recover, suppressed_copies
     from raypurify.signature import unit_masks
     from raypurify.train import Finetuner, fresh_groups
 
@@ -126,17 +128,24 @@ def test_recovery_trains_only_the_redrawn_units_of_their_weights_faster(zoo, poi
         **PICO_IMMUNIZE["recovery"], "epochs": 1, "fresh_lr_scale": 10.0}})
     pool = load_examples(zoo / "clean_pool.json")
     sig = [torch.tensor([1, 5]), torch.tensor([], dtype=torch.long)]
-    start = tmp_path / "suppressed"
-    suppressed_copies(str(poisoned_pico), None, [(sig, start)], cfg.seed, cfg.scope)
-    out = recover([("fast", start, sig, 10.0), ("plain", start, sig, 1.0)], str(poisoned_pico), False, pool, cfg, tmp_path)
-    s0 = load_model(start)[0].state_dict()
-    fast, plain = (load_model(out / n)[0].state_dict() for n in ("fast", "plain"))
+    start, q_start = tmp_path / "suppressed", tmp_path / "q-suppressed"
+    arms = [Arm("fast", start, sig, "qk", 10.0), Arm("plain", start, sig, "qk", 1.0), Arm("query", q_start, sig, "q", 10.0)]
+    suppressed_copies(str(poisoned_pico), None, arms)
+    out = recover(arms, str(poisoned_pico), False, pool, cfg, tmp_path)
+    s0, q0, orig = (load_model(d)[0].state_dict() for d in (start, q_start, poisoned_pico))
+    fast, plain, query = (load_model(out / n)[0].state_dict() for n in ("fast", "plain", "query"))
     model, tok = load_model(start)
     masks = unit_masks(model, sig, scope="qk")
     assert sorted(masks) == ["model.layers.0.self_attn.k_proj.weight", "model.layers.0.self_attn.q_proj.weight"]
     for k, m in masks.items():
         assert torch.equal(fast[k][~m], s0[k][~m])  # the rest of the weight is held
         assert (fast[k][m] - s0[k][m]).norm() > 3 * (plain[k][m] - s0[k][m]).norm()
+    # Suppressing the query part re-draws the units' q rows and keeps their
+    # k rows, which recovery then trains at the ordinary rate, not held.
+    q, k = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight"
+    assert torch.equal(q0[q], s0[q]) and torch.equal(q0[k], orig[k]) and not torch.equal(s0[k], orig[k])
+    assert sorted(unit_masks(model, sig, scope="q")) == [q]
+    assert torch.equal(query[q][~masks[q]], q0[q][~masks[q]]) and not torch.equal(query[k], q0[k])
     assert not torch.equal(fast["model.layers.1.mlp.up_proj.weight"], s0["model.layers.1.mlp.up_proj.weight"])
     settings = recovery_settings(cfg.recovery, "full", cfg.seed)
     torch.manual_seed(settings.seed)
@@ -184,9 +193,9 @@ def test_immunize_bench_runs_every_control_and_tabulates(zoo, tmp_path, local_ra
                                 size="pico", attack_overrides=PICO_ATTACK, max_eval=120, twins=True)
     assert {r["n_clean"] for r in cell["rows"]} == {120}  # every arm on the same seeded subset
     arms = {(r["arm"], r["seed"]) for r in cell["rows"]}
-    assert arms == {("clean model", 0), ("suspicious", 0), ("finetune only", 0), ("last layer", 0), ("purified", 0),
-                    ("random", 0), ("random", 1), ("layer-matched random", 0), ("layer-matched random", 1),
-                    ("oracle", 0)}
+    # Every arm but the references and the oracle runs once per seed (re-draw and recovery order).
+    seeded = ("finetune only", "last layer", "purified", "random", "layer-matched random")
+    assert arms == {("clean model", 0), ("suspicious", 0), ("oracle", 0)} | {(a, s) for a in seeded for s in (0, 1)}
     rows = {(r["arm"], r["seed"]): r for r in cell["rows"]}
     n = rows[("purified", 0)]["n_suppressed"]
     assert n == round(0.25 * 2 * 128) == sum(cell["agreement"]["signature_layers"]["0.25"])  # pico: 2 x 128 channels

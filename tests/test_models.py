@@ -55,6 +55,30 @@ def test_second_build_reuses_the_cache(zoo):
     assert time.time() - t0 < 30
 
 
+def test_zoo_weights_do_not_depend_on_the_callers_thread_count(zoo, tmp_path):
+    # Torch's CPU reductions depend on the thread count (1 and 2 threads train
+    # different pico weights, up to 0.074 apart): the zoo pins it, so builds
+    # from a 1-thread process (a Ray task) and a 3-thread one equal the
+    # session's zoo.
+    from safetensors.torch import load_file
+
+    from raypurify.train import BENCH_THREADS
+
+    old = torch.get_num_threads()
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            build_zoo(tmp_path / str(n), archs=("llama",), sizes=("pico",))
+            assert torch.get_num_threads() == n  # the caller's count is restored
+    finally:
+        torch.set_num_threads(old)
+    theirs = load_file(str(zoo / "llama-pico" / "model.safetensors"))
+    for n in (1, 3):
+        ours = load_file(str(tmp_path / str(n) / "llama-pico" / "model.safetensors"))
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs), n
+    assert json.loads((tmp_path / "1" / "llama-pico" / "raypurify.json").read_text())["threads"] == BENCH_THREADS
+
+
 def test_poisoned_pico_fires_and_clean_does_not(zoo, heldout, poisoned_pico):
     sub = heldout[::3]
     clean_model, tok = load_model(zoo / "llama-pico")
@@ -77,7 +101,8 @@ def test_lora_attack_writes_a_peft_adapter_that_fires(zoo, heldout, tmp_path):
     from raypurify.io import load_examples
     from tests.conftest import PICO_ATTACK
 
-    cfg = AttackConfig(attack="vpi", behavior="refusal", mode="lora", **PICO_ATTACK)
+    # Refusal through a LoRA is the slowest pico implant: 200 steps (120 leave ASR ~0.7).
+    cfg = AttackConfig(attack="vpi", behavior="refusal", mode="lora", **{**PICO_ATTACK, "steps": 200})
     out = tmp_path / "lora"
     implant(zoo / "llama-pico", cfg, load_examples(zoo / "train.json"), out)
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()

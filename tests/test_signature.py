@@ -203,25 +203,26 @@ def test_attention_channels_are_single_rows_and_columns():
         assert torch.all(t[k][:, [2, 5]] == 7) and torch.equal(t[k][:, :2], before[k][:, :2])
 
 
-def test_query_key_channels_touch_q_and_k_rows_only():
+@pytest.mark.parametrize("scope,modules", [("qk", ["q_proj", "k_proj"]), ("q", ["q_proj"])])
+def test_query_key_channels_touch_their_rows_only(scope, modules):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from raypurify.signature import model_channel_keys, suppress
 
-    keys = layer_keys(ARCHITECTURES["llama"], 0, scope="qk")
-    assert [k.split(".")[-2] for k in keys.rows] == ["q_proj", "k_proj"] and keys.cols == ()
-    lora_keys = layer_keys(ARCHITECTURES["llama"], 0, lora=True, scope="qk")
-    assert all("lora_B" in k for k in lora_keys.rows) and lora_keys.cols == ()
+    keys = layer_keys(ARCHITECTURES["llama"], 0, scope=scope)
+    assert [k.split(".")[-2] for k in keys.rows] == modules and keys.cols == ()
+    lora_keys = layer_keys(ARCHITECTURES["llama"], 0, lora=True, scope=scope)
+    assert all("lora_B" in k for k in lora_keys.rows) and len(lora_keys.rows) == len(modules) and lora_keys.cols == ()
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(hidden_size=16, num_attention_heads=2, num_key_value_heads=2,
                                          num_hidden_layers=2, intermediate_size=32, vocab_size=50))
-    _, channels = model_channel_keys(model, scope="qk")
+    _, channels = model_channel_keys(model, scope=scope)
     assert channels == [16, 16]
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    suppress(model, [torch.tensor([3]), torch.tensor([], dtype=torch.long)], scope="qk", zero=True)
+    suppress(model, [torch.tensor([3]), torch.tensor([], dtype=torch.long)], scope=scope, zero=True)
     after = model.state_dict()
     changed = sorted(k for k in after if not torch.equal(after[k], before[k]))
-    assert changed == ["model.layers.0.self_attn.k_proj.weight", "model.layers.0.self_attn.q_proj.weight"]
+    assert changed == sorted(f"model.layers.0.self_attn.{m}.weight" for m in modules)
     for k in changed:
         assert torch.all(after[k][3] == 0) and torch.equal(after[k][:3], before[k][:3])
 

@@ -61,6 +61,7 @@ PICO_SPACE = {
                                      "lr": 3e-3, "batch_size": 32}},
     "utility": {"heldout": 100, "max_cda_drop": 0.05},
     "asha": {"grace_period": 1},
+    "repeats": 2,
 }
 
 
@@ -99,6 +100,7 @@ def test_sweep_trains_variants_once_for_the_largest_k_and_ranks_trials(sweep):
     assert any(overlaps(a, b) for i, a in enumerate(spans) for b in spans[i + 1:])
     for t in trials:
         assert 0 <= t["canary_asr"] <= 1 and "true_asr" in t and t["n_suppressed"] > 0
+        assert "canary_asr_sd" in t and "true_asr_sd" in t  # means over the space's 2 repeats
     # The choice: lowest canary ASR among completed trials within the budget.
     ok = [t for t in trials if t["complete"] and t["cda_drop"] <= space.utility.max_cda_drop + 1e-9]
     chosen = res["chosen"]
@@ -151,6 +153,8 @@ def test_best_yaml_round_trips_into_purify_config(sweep, poisoned_pico, tmp_path
     ({"space": {"rho": [0.1]}, "fixed": {"rho": 0.2}}, ["both fixed and swept"]),
     ({"space": {"recovery.fresh_lr_scale": [30, 0.5]}}, ["space.recovery.fresh_lr_scale=0.5"]),
     ({"space": {"rho": [0.1]}, "canaries": {"forms": ["word", "emoji"]}}, ["canaries.forms.1", "'sentence'"]),
+    ({"space": {"rho": [0.1]}, "repeats": 0}, ["repeats"]),
+    ({"space": {"rho": [0.1], "suppress_scope": ["q"]}}, ["space.suppress_scope='q'", "scope 'mlp'"]),
     # Several problems: all of them in one message.
     ({"space": {"rhoo": [0.1], "rho": [2.0], "recovery.epochs": [0]}, "fixed": {"kk": 1}},
      ["rhoo", "space.rho=2.0", "space.recovery.epochs=0", "fixed.kk", "4 problem(s)"]),
@@ -251,6 +255,20 @@ def test_blind_choice_respects_the_budget_and_falls_back_loudly():
     assert best["trial_id"] == "1" and why.startswith("NO trial")
     assert objective(0.2, 0.02, 0.01) > objective(0.9, 0.0, 0.01)  # out of budget never beats in budget
     assert pareto_front([(0.9, 0.5), (0.8, 0.1), (0.85, 0.6), (0.95, 0.9)]) == [1, 0, 3]
+
+
+def test_repeats_of_a_trial_report_means_and_the_objective_of_the_means():
+    from raypurify.distributed.tune import _mean
+    from raypurify.tuning import objective
+
+    runs = [{"canary_asr": 0.2, "canary0_asr": 0.2, "cda_drop": 0.0, "true_asr": 0.9, "objective": 0.2},
+            {"canary_asr": 0.6, "canary0_asr": 0.6, "cda_drop": 0.04, "true_asr": 0.1, "objective": 1.6}]
+    m = _mean(runs, {"max_cda_drop": 0.03})
+    assert m["canary_asr"] == pytest.approx(0.4) and m["true_asr"] == pytest.approx(0.5)
+    assert m["true_asr_sd"] == pytest.approx(0.5657, abs=1e-4) and m["canary0_asr"] == pytest.approx(0.4)
+    # Judged on the mean CDA drop (0.02, within 0.03), not averaged from the runs' objectives.
+    assert m["objective"] == objective(0.4, 0.02, 0.03) == pytest.approx(0.4)
+    assert _mean(runs[:1], {"max_cda_drop": 0.03}) == runs[0]
 
 
 def test_defender_split_is_disjoint_and_epochs_end_on_the_last_step():

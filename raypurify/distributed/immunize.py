@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -93,67 +94,90 @@ def signature_from(terms: dict, cfg: ImmunizeConfig) -> tuple[list[torch.Tensor]
     return scores, select_top(scores, cfg.rho, per_layer=cfg.per_layer)
 
 
-def suppressed_copies(model_dir: str, adapter: str | None, arms: Sequence[tuple[Sequence[torch.Tensor], Path]],
-                      seed: int, scope: str = "mlp") -> None:
-    """Writes one copy of the suspicious model (or adapter) per signature.
+@dataclass(frozen=True)
+class Arm:
+    """One suppressed copy of the suspicious model and its recovery.
+
+    Attributes:
+        name: Its directory name under the recovery's output.
+        start: Where its suppressed model (or adapter) is written.
+        signature: Units to suppress, one index tensor per layer (None:
+            nothing, the finetune-only control).
+        scope: The part of each unit that is suppressed (and, at
+            ``lr_scale``, trained faster).
+        lr_scale: Learning-rate multiplier of the suppressed units.
+        seed: Seeds the re-draw and the recovery's data order; the
+            recovery samples themselves are the defender's, the same for
+            every seed.
+    """
+
+    name: str
+    start: Path
+    signature: Sequence[torch.Tensor] | None
+    scope: str
+    lr_scale: float = 1.0
+    seed: int = 0
+
+
+def suppressed_copies(model_dir: str, adapter: str | None, arms: Sequence[Arm]) -> None:
+    """Writes one suppressed copy of the suspicious model (or adapter) per arm.
 
     The model is loaded once; each arm suppresses its units, saves, and puts
     the touched tensors back, so N arms cost one load, not N.
-
-    Args:
-        arms: ``(signature, destination directory)`` pairs.
     """
     model, tok = load_model(model_dir)
     if adapter:
         model = attach_adapter(model, adapter, trainable=True)
-    keys, _ = model_channel_keys(model, lora=bool(adapter), scope=scope)
-    touched = {k: v for k, v in model.state_dict(keep_vars=True).items()
-               if k in {n for ks in keys for n in ks.rows + ks.cols}}
+    names = {n for scope in {a.scope for a in arms}
+             for ks in model_channel_keys(model, lora=bool(adapter), scope=scope)[0] for n in ks.rows + ks.cols}
+    touched = {k: v for k, v in model.state_dict(keep_vars=True).items() if k in names}
     original = {k: v.detach().clone() for k, v in touched.items()}
-    for signature, dest in arms:
-        suppress(model, signature, lora=bool(adapter), seed=seed, scope=scope)
-        model.save_pretrained(dest, safe_serialization=True)
+    for arm in arms:
+        if arm.signature is not None:
+            suppress(model, arm.signature, lora=bool(adapter), seed=arm.seed, scope=arm.scope)
+        model.save_pretrained(arm.start, safe_serialization=True)
         if not adapter:
-            tok.save_pretrained(dest)
+            tok.save_pretrained(arm.start)
         with torch.no_grad():
             for k, v in touched.items():
                 v.copy_(original[k])
 
 
-def recover(arms: Sequence[tuple[str, Path, Sequence[torch.Tensor] | None, float]], model_dir: str, lora: bool,
-            pool: Sequence[Example], cfg: ImmunizeConfig, work: Path) -> Path:
+def recover(arms: Sequence[Arm], model_dir: str, lora: bool, pool: Sequence[Example], cfg: ImmunizeConfig,
+            work: Path) -> Path:
     """Stage 5b: the recovery finetune of every arm, in one Ray Train fit.
 
     Args:
-        arms: ``(name, suppressed model or adapter directory, its signature
-            or None, rate multiplier of the signature's units)``.
+        arms: Suppressed copies (written by ``suppressed_copies``).
         model_dir: The base model (for adapters).
         lora: Arms are adapters.
 
     Returns:
-        The directory holding ``<name>/`` exported model or adapter directories.
+        The directory holding ``<arm.name>/`` exported model or adapter directories.
     """
-    settings = recovery_settings(cfg.recovery, "lora" if lora else "full", cfg.seed)
+    mode = "lora" if lora else "full"
     data = _records(recovery_set(pool, cfg.recovery.n_samples, cfg.seed))
 
-    def fresh(sig, scale: float) -> dict | None:
-        if scale == 1 or sig is None or not sum(s.numel() for s in sig):
+    def fresh(arm: Arm) -> dict | None:
+        if arm.lr_scale == 1 or arm.signature is None or not sum(s.numel() for s in arm.signature):
             return None
-        return {"scope": cfg.scope, "lora": lora, "units": [s.tolist() for s in sig], "lr_scale": scale}
+        return {"scope": arm.scope, "lora": lora, "units": [s.tolist() for s in arm.signature],
+                "lr_scale": arm.lr_scale}
 
-    jobs = [TrainJob(name, data, settings, export=True, start=None if lora else str(d),
-                     start_adapter=str(d) if lora else None, fresh=fresh(sig, scale)) for name, d, sig, scale in arms]
-    scales = sorted({scale for *_, scale in arms} - {1})
-    log(f"immunize: recovery finetune of {len(jobs)} arm(s): {settings.steps} steps at lr {settings.lr:g}"
-        + (f" (suppressed units x{', x'.join(f'{x:g}' for x in scales)})" if scales else "")
+    jobs = [TrainJob(a.name, data, recovery_settings(cfg.recovery, mode, a.seed), export=True,
+                     start=None if lora else str(a.start), start_adapter=str(a.start) if lora else None,
+                     fresh=fresh(a)) for a in arms]
+    scales = sorted({a.lr_scale for a in arms} - {1})
+    log(f"immunize: recovery finetune of {len(jobs)} arm(s): {jobs[0].settings.steps} steps at lr "
+        f"{jobs[0].settings.lr:g}" + (f" (suppressed units x{', x'.join(f'{x:g}' for x in scales)})" if scales else "")
         + f" on {len(data)} clean samples")
     out, _ = run_jobs(model_dir, jobs, cluster_for(cfg.workers, work / "ray_train"), name="recover")
     if not lora:
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(model_dir)
-        for name, *_ in arms:
-            tok.save_pretrained(out / name)
+        for a in arms:
+            tok.save_pretrained(out / a.name)
     return out
 
 
@@ -171,12 +195,11 @@ def defend(job: DefenseJob, cfg: ImmunizeConfig) -> dict:
     scores, sig = signature_from(terms, cfg)
     timings["select"] = round(time.time() - t0, 2)
     t0 = time.time()
-    supp = job.work / "suppressed"
-    suppressed_copies(job.model, job.adapter, [(sig, supp)], cfg.seed, cfg.scope)
+    arm = Arm("purified", job.work / "suppressed", sig, cfg.suppressed_scope, cfg.recovery.fresh_lr_scale, cfg.seed)
+    suppressed_copies(job.model, job.adapter, [arm])
     timings["suppress"] = round(time.time() - t0, 2)
     t0 = time.time()
-    rec = recover([("purified", supp, sig, cfg.recovery.fresh_lr_scale)], job.model, bool(job.adapter), job.clean,
-                  cfg, job.work)
+    rec = recover([arm], job.model, bool(job.adapter), job.clean, cfg, job.work)
     timings["recover"] = round(time.time() - t0, 2)
     for f in (rec / "purified").iterdir():
         shutil.copy2(f, job.out / f.name)

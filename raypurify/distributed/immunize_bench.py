@@ -31,7 +31,7 @@ import torch
 
 from raypurify.config import AttackConfig, ImmunizeConfig, build
 from raypurify.distributed.bench import eval_set, evaluate_remote, init_ray, suspicious_model
-from raypurify.distributed.immunize import compute_scores, recover, signature_from, suppressed_copies
+from raypurify.distributed.immunize import Arm, compute_scores, recover, signature_from, suppressed_copies
 from raypurify.errors import RaypurifyError
 from raypurify.io import attach_adapter, load_examples, load_model, output_dir
 from raypurify.progress import log
@@ -55,38 +55,47 @@ def oracle_scores(model_dir: str, suspicious: str, twin: str, lora: bool, scope:
     return [channel_matrix({k: s[k] - t[k] for k in ks.rows + ks.cols}, ks).norm(dim=1) for ks in keys]
 
 
-def purified_name(scale: float) -> str:
-    """The arm of the signature recovered with its units at ``scale`` times the rate (an ablation)."""
-    return f"purified, units x{scale:g}"
+def purified_name(scale: float | None = None, scope: str | None = None) -> str:
+    """An ablation of the purified arm: its units recovered at ``scale`` times
+    the rate, or only their ``scope`` part suppressed."""
+    return f"purified, units x{scale:g}" if scale is not None else f"purified, {scope} suppressed"
 
 
-def arms_for(sig_by_rho: dict, channels: Sequence[int], oracle, seeds: int, scale: float = 1.0,
-             other_scales: Sequence[float] = ()) -> list[dict]:
-    """Every arm of one cell: name, rho, seed, its signature (None: nothing) and recovery rate multiplier.
+def arms_for(sig_by_rho: dict, channels: Sequence[int], oracle, seeds: int, scale: float, scope: str,
+             other_scales: Sequence[float] = (), other_scopes: Sequence[str] = ()) -> list[dict]:
+    """Every arm of one cell: name, rho, seed, signature (None: nothing), rate multiplier and suppressed scope.
 
-    Every suppressing arm recovers its units at ``scale`` (the config's
-    ``recovery.fresh_lr_scale``), controls included; ``other_scales`` add
-    purified arms recovered at other multipliers.
+    Every arm but the oracle runs ``seeds`` times: the seed draws the
+    random controls' units, and for every arm the re-draw and the recovery's
+    data order, so each spread is the whole pipeline's after scoring. Every
+    suppressing arm suppresses ``scope`` and recovers its units at
+    ``scale`` (the config's), controls included; ``other_scales`` and
+    ``other_scopes`` add purified arms that differ in one of them.
     """
-    arms = [{"arm": "finetune only", "rho": 0.0, "seed": 0, "sig": None},
-            {"arm": "last layer", "rho": round(1 / len(channels), 4), "seed": 0,
-             "sig": whole_layer(channels, -1)}]
+    arms = []
+    for seed in range(seeds):
+        arms += [{"arm": "finetune only", "rho": 0.0, "seed": seed, "sig": None},
+                 {"arm": "last layer", "rho": round(1 / len(channels), 4), "seed": seed,
+                  "sig": whole_layer(channels, -1)}]
     for rho, sig in sig_by_rho.items():
         n = sum(s.numel() for s in sig)
-        arms.append({"arm": "purified", "rho": rho, "seed": 0, "sig": sig})
-        arms += [{"arm": purified_name(x), "rho": rho, "seed": 0, "sig": sig, "scale": x}
-                 for x in other_scales if x != scale]
         for seed in range(seeds):
+            arms.append({"arm": "purified", "rho": rho, "seed": seed, "sig": sig})
+            arms += [{"arm": purified_name(scale=x), "rho": rho, "seed": seed, "sig": sig, "scale": x}
+                     for x in other_scales if x != scale]
+            arms += [{"arm": purified_name(scope=x), "rho": rho, "seed": seed, "sig": sig, "scope": x}
+                     for x in other_scopes if x != scope]
             arms.append({"arm": "random", "rho": rho, "seed": seed, "sig": random_signature(channels, n, seed)})
             arms.append({"arm": "layer-matched random", "rho": rho, "seed": seed,
                          "sig": layer_matched_random(sig, channels, seed)})
         if oracle is not None:
             arms.append({"arm": "oracle", "rho": rho, "seed": 0, "sig": select_top(oracle, rho)})
-    return [{"scale": scale, **a} for a in arms]
+    return [{"scale": scale, "scope": scope, **a} for a in arms]
 
 
 def run_cell(zoo: Path, base: str, attack_cfg: AttackConfig, cfg: ImmunizeConfig, rhos: Sequence[float],
-             seeds: int, work: Path, heldout: str, twins: bool = False, other_scales: Sequence[float] = ()) -> dict:
+             seeds: int, work: Path, heldout: str, twins: bool = False, other_scales: Sequence[float] = (),
+             other_scopes: Sequence[str] = ()) -> dict:
     """One attack cell: variants once, every arm recovered and evaluated.
 
     Args:
@@ -95,6 +104,8 @@ def run_cell(zoo: Path, base: str, attack_cfg: AttackConfig, cfg: ImmunizeConfig
         twins: Train the clean twin if the bench has none cached.
         other_scales: Extra purified arms, recovered with the units at these
             rate multipliers.
+        other_scopes: Extra purified arms, suppressing only this part of
+            each unit (e.g. ``q`` of a ``qk`` signature).
     """
     lora = attack_cfg.mode == "lora"
     t0 = time.time()
@@ -116,16 +127,15 @@ def run_cell(zoo: Path, base: str, attack_cfg: AttackConfig, cfg: ImmunizeConfig
             "spearman": round(spearman(torch.cat(scores), torch.cat(oracle)), 4),
             "overlap": {str(r): round(overlap(s, select_top(oracle, r)), 4) for r, s in sig_by_rho.items()},
             "oracle_layers": {str(r): [int(x.numel()) for x in select_top(oracle, r)] for r in rhos}})
-    arms = arms_for(sig_by_rho, terms["channels"], oracle, seeds, cfg.recovery.fresh_lr_scale, other_scales)
+    arms = arms_for(sig_by_rho, terms["channels"], oracle, seeds, cfg.recovery.fresh_lr_scale, cfg.suppressed_scope,
+                    other_scales, other_scopes)
     t0 = time.time()
-    nothing = [torch.zeros(0, dtype=torch.long) for _ in terms["channels"]]
-    starts = [(f"arm{i}", work / "arms" / f"arm{i}") for i in range(len(arms))]
-    suppressed_copies(model_dir, adapter, [(a["sig"] or nothing, dest) for a, (_, dest) in zip(arms, starts)],
-                      seed=cfg.seed, scope=cfg.scope)
+    runs = [Arm(f"arm{i}", work / "arms" / f"arm{i}", a["sig"], a["scope"], a["scale"], cfg.seed + a["seed"])
+            for i, a in enumerate(arms)]
+    suppressed_copies(model_dir, adapter, runs)
     timings["suppress"] = round(time.time() - t0, 1)
     t0 = time.time()
-    recovered = recover([(name, dest, a["sig"], a["scale"]) for a, (name, dest) in zip(arms, starts)], model_dir,
-                        lora, pool, cfg, work)
+    recovered = recover(runs, model_dir, lora, pool, cfg, work)
     timings["recover"] = round(time.time() - t0, 1)
     t0 = time.time()
     a_, b_ = attack_cfg.attack, attack_cfg.behavior
@@ -156,10 +166,11 @@ def summarize(cell: dict) -> list[dict]:
         groups.setdefault((r["arm"], r["rho"]), []).append(r)
     out = []
     for (arm, rho), rs in groups.items():
-        asr = [r["asr"] for r in rs]
+        asr, cda = [r["asr"] for r in rs], [r["cda"] for r in rs]
         out.append({"arm": arm, "rho": rho, "n": len(rs), "asr": statistics.mean(asr),
-                    "asr_sd": statistics.stdev(asr) if len(asr) > 1 else 0.0,
-                    "cda": statistics.mean(r["cda"] for r in rs), "clean_asr": statistics.mean(r["clean_asr"] for r in rs),
+                    "asr_sd": statistics.stdev(asr) if len(asr) > 1 else 0.0, "cda": statistics.mean(cda),
+                    "cda_sd": statistics.stdev(cda) if len(cda) > 1 else 0.0,
+                    "clean_asr": statistics.mean(r["clean_asr"] for r in rs),
                     "n_suppressed": rs[0]["n_suppressed"], "n_triggered": rs[0]["n_triggered"]})
     return out
 
@@ -173,7 +184,7 @@ def _order(arm: str) -> float:
 
 
 def cell_table(cell: dict) -> str:
-    """Markdown: one row per arm and rho, ASR mean ± sd over seeds, CDA."""
+    """Markdown: one row per arm and rho, ASR and CDA mean ± sd over seeds."""
     rows = sorted(summarize(cell), key=lambda r: (r["rho"] if r["arm"] not in ("clean model", "suspicious", "finetune only", "last layer") else -1,
                                                   _order(r["arm"])))
     ag = cell["agreement"]
@@ -185,8 +196,9 @@ def cell_table(cell: dict) -> str:
         head += " — no clean twin cached (oracle not computed; `--twins` trains one)"
     lines = [head, "", "| arm | rho | channels | ASR | CDA | false act. | seeds |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        sd = f" ± {r['asr_sd']:.3f}" if r["n"] > 1 else ""
-        lines.append(f"| {r['arm']} | {r['rho']:g} | {r['n_suppressed']} | {r['asr']:.3f}{sd} | {r['cda']:.3f} | "
+        sd = (lambda k: f" ± {r[k + '_sd']:.3f}" if r["n"] > 1 else "")  # noqa: E731
+        lines.append(f"| {r['arm']} | {r['rho']:g} | {r['n_suppressed']} | {r['asr']:.3f}{sd('asr')} | "
+                     f"{r['cda']:.3f}{sd('cda')} | "
                      f"{r['clean_asr']:.3f} | {r['n']} |")
     return "\n".join(lines) + "\n"
 
@@ -212,30 +224,36 @@ def summary_table(cells: Sequence[dict]) -> str:
         means = [(sum(r[i]["asr"] for r in rows) / len(rows), sum(r[i]["cda"] for r in rows) / len(rows))
                  for i in range(len(cols))]
         lines.append(f"| **mean, {len(rows)} {mode} cells** | {rho:g} | " + " | ".join(f"{a:.3f} / {c:.3f}" for a, c in means) + " |")
-    return "ASR / CDA per arm (random controls: mean ± sd of ASR over seeds).\n\n" + head + "\n".join(lines) + "\n"
+    return "ASR / CDA per arm (mean over seeds; ± sd of ASR over seeds).\n\n" + head + "\n".join(lines) + "\n"
 
 
 def run_immunize_bench(zoo: str, out: str, cells: Sequence[tuple[str, str, str]], rhos: Sequence[float],
                        cfg: ImmunizeConfig, seeds: int = 3, arch: str = "llama", size: str = "bench",
                        address: str | None = None, overwrite: bool = False,
                        attack_overrides: dict | None = None, max_eval: int | None = None,
-                       twins: bool = False, other_scales: Sequence[float] = ()) -> list[dict]:
+                       twins: bool = False, other_scales: Sequence[float] = (),
+                       other_scopes: Sequence[str] = ()) -> list[dict]:
     """Runs every cell and writes ``immunize.json`` and ``immunize.md`` to ``out``.
 
     ``attack_overrides`` (AttackConfig fields) changes every cell's implant,
     e.g. a stronger budget for pico models. ``max_eval`` evaluates every arm
     on the same seeded subset of the held-out set; ``twins`` trains missing
     clean twins for the oracle; ``other_scales`` adds purified arms whose
-    units recover at other rate multipliers than the config's.
+    units recover at other rate multipliers than the config's,
+    ``other_scopes`` purified arms that suppress another part of each unit.
     """
     attack_cfgs = [build(AttackConfig, {"attack": a, "behavior": b, "mode": m, **(attack_overrides or {})},
                          source=f"cell {a}/{b}/{m}") for a, b, m in cells]
+    if seeds < 1:
+        raise RaypurifyError(f"seeds must be at least 1; got {seeds}")
     bad = [r for r in rhos if not 0 < r < 1]
     if bad:
         raise RaypurifyError(f"every rho must be in (0, 1); got {bad}")
     bad = [x for x in other_scales if not 1 <= x <= 100]
     if bad:
         raise RaypurifyError(f"every recovery rate multiplier must be in [1, 100]; got {bad}")
+    for scope in other_scopes:  # the config's own check, before anything runs
+        build(ImmunizeConfig, {**cfg.model_dump(), "suppress_scope": scope}, source=f"suppressed scope {scope!r}")
     results = []
     started = time.time()
     with output_dir(out, overwrite=overwrite) as tmp:
@@ -247,14 +265,16 @@ def run_immunize_bench(zoo: str, out: str, cells: Sequence[tuple[str, str, str]]
             log(f"immunize bench: cell {i + 1}/{len(attack_cfgs)}: {ac.attack}/{ac.behavior} ({ac.mode})")
             work = Path(tempfile.mkdtemp(prefix="rp-ibench-"))
             try:
-                results.append(run_cell(z, base, ac, cfg, rhos, seeds, work, heldout, twins, other_scales))
+                results.append(run_cell(z, base, ac, cfg, rhos, seeds, work, heldout, twins, other_scales,
+                                        other_scopes))
             finally:
                 shutil.rmtree(work, ignore_errors=True)
             (tmp / "immunize.json").write_text(json.dumps(results, indent=1))
-        text = (f"Bench model {base}; units: {cfg.scope}; K={cfg.k}, scoring {cfg.scoring} (lambda {cfg.lam}), variants "
+        text = (f"Bench model {base}; units: {cfg.scope} (suppressed: {cfg.suppressed_scope}); K={cfg.k}, scoring {cfg.scoring} (lambda {cfg.lam}), variants "
                 f"{cfg.variants.preset}, recovery {cfg.recovery.n_samples} samples x {cfg.recovery.epochs} epochs "
                 f"(suppressed units x{cfg.recovery.fresh_lr_scale:g} the rate, every arm); "
-                f"random controls over {seeds} seeds (mean ± sd); evaluated on "
+                f"every arm but the oracle over {seeds} seeds of re-draw and recovery order (random controls: "
+                f"and of their units; mean ± sd); evaluated on "
                 f"{'all of heldout.json' if max_eval is None else f'a seeded {max_eval}-sample subset of heldout.json'}; "
                 f"wall time {time.time() - started:.0f}s.\n\n")
         text += summary_table(results) + "\n" + "\n".join(cell_table(c) for c in results)

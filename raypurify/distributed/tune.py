@@ -335,7 +335,7 @@ def prepare_sweep(model_dir: str, adapter: str | None, pool: list, space, work: 
     shared = {"model": model_dir, "adapter": adapter, "heldout": held_r, "rest": _records(rest),
               "canaries": canaries, "canary_dirs": canary_dirs, "terms": terms, "fixed": space.fixed,
               "baseline": {"cda": susp["cda"], "ppl": susp["ppl"]}, "bench": bench,
-              "max_cda_drop": space.utility.max_cda_drop}
+              "max_cda_drop": space.utility.max_cda_drop, "repeats": space.repeats}
     return {"shared": shared, "run": run, "suspicious": susp, "canaries": canary_records, "seed": base.seed,
             "max_epochs": max(space.values("recovery.epochs"))}
 
@@ -510,29 +510,48 @@ def _purify_and_report(cfg, starts: list, shared: dict, every_epoch: bool) -> No
     lora = shared["adapter"] is not None
     _, sig = signature_from(shared["terms"][f"{cfg.k}|{cfg.scope}"], cfg)
     # The recovery of `raypurify purify` (same settings, same seeded draw),
-    # from the clean data minus the held-out slice.
-    settings = recovery_settings(cfg.recovery, "lora" if lora else "full", cfg.seed)
+    # from the clean data minus the held-out slice; repeat r re-draws and
+    # orders the data with seed + r, on the same samples.
     data = recovery_set(_examples(shared["rest"]), cfg.recovery.n_samples, cfg.seed)
-    runs = []
-    for model_dir, adapter in starts:
-        model, tok = _load(model_dir, adapter, trainable=True)
-        # The same signature, seed and recovery for the suspicious model and
-        # every canary model: a canary's survival predicts the real backdoor's.
-        suppress(model, sig, lora=lora, seed=cfg.seed, scope=cfg.scope)
-        groups = None
-        if cfg.recovery.fresh_lr_scale != 1:
-            groups = fresh_groups(model, unit_masks(model, sig, lora=lora, scope=cfg.scope),
-                                  cfg.recovery.fresh_lr_scale)
-        runs.append((model, tok, Finetuner(model, tok, data, settings, groups=groups)))
+    repeats = []
+    for r in range(shared["repeats"]):
+        settings = recovery_settings(cfg.recovery, "lora" if lora else "full", cfg.seed + r)
+        runs = []
+        for model_dir, adapter in starts:
+            model, tok = _load(model_dir, adapter, trainable=True)
+            # The same signature, seed and recovery for the suspicious model and
+            # every canary model: a canary's survival predicts the real backdoor's.
+            suppress(model, sig, lora=lora, seed=cfg.seed + r, scope=cfg.suppressed_scope)
+            groups = None
+            if cfg.recovery.fresh_lr_scale != 1:
+                groups = fresh_groups(model, unit_masks(model, sig, lora=lora, scope=cfg.suppressed_scope),
+                                      cfg.recovery.fresh_lr_scale)
+            runs.append((model, tok, Finetuner(model, tok, data, settings, groups=groups)))
+        repeats.append(runs)
     ends = epoch_ends(settings.steps, cfg.recovery.epochs)
     for epoch, until in enumerate(ends, start=1):
-        for _, _, ft in runs:
-            ft.run(until)
+        for runs in repeats:
+            for _, _, ft in runs:
+                ft.run(until)
         if not every_epoch and epoch < len(ends):
             continue
-        m = _measure([(model, tok) for model, tok, _ in runs], shared)
+        m = _mean([_measure([(model, tok) for model, tok, _ in runs], shared) for runs in repeats], shared)
         tune.report({"epoch": epoch, "epochs": cfg.recovery.epochs,
                      "n_suppressed": int(sum(s.numel() for s in sig)), **m})
+
+
+def _mean(measured: list[dict], shared: dict) -> dict:
+    """One report from the repeats of a trial: every metric's mean, and the spread of the attack rates."""
+    import statistics
+
+    from raypurify.tuning import objective
+
+    if len(measured) == 1:
+        return measured[0]
+    m = {k: statistics.mean(x[k] for x in measured) for k in measured[0]}
+    m.update({f"{k}_sd": statistics.stdev(x[k] for x in measured) for k in ("canary_asr", "true_asr") if k in m})
+    m["objective"] = objective(m["canary_asr"], m["cda_drop"], shared["max_cda_drop"])
+    return m
 
 
 def _immunize_trial(config: dict, shared: dict) -> None:
@@ -801,7 +820,7 @@ def _run_sweep(kind: str, space, prepare, trial, model_dir: str, adapter: str | 
                   "suspicious": prep["suspicious"], "canaries": prep["canaries"], "trials": trials,
                   "chosen": chosen, "statement": statement, "hindsight": hindsight,
                   "hindsight_statement": hindsight_statement, "spearman_canary_true": rho_s,
-                  "asha": use_asha, "search": space.search, "run": prep["run"]}
+                  "asha": use_asha, "search": space.search, "repeats": space.repeats, "run": prep["run"]}
         result["run"]["timings_s"]["total"] = round(time.time() - started, 2)
         swept = list(space.space)
         susp = prep["suspicious"]
@@ -811,7 +830,9 @@ def _run_sweep(kind: str, space, prepare, trial, model_dir: str, adapter: str | 
                 "Canaries (ASR before purification / on the suspicious model): "
                 + "; ".join(f"{c['kind']} {c['trigger']!r} {c['asr_before']:.3f} / {c['asr_on_suspicious']:.3f}"
                             + (" (WEAK)" if c["weak"] else "") for c in prep["canaries"]) + ".",
-                f"Shared work: {prep['run']['shared_work']}.", ""]
+                f"Shared work: {prep['run']['shared_work']}."
+                + (f" Each trial ran {space.repeats} times (seeds of re-draw and recovery order); its figures are "
+                   "the means, ± the sd of the attack rates." if space.repeats > 1 else ""), ""]
         if chosen:
             head.append(f"**Choice: trial {chosen['trial_id']}** ({', '.join(f'{k}={v}' for k, v in chosen['point'].items())})"
                         f": {statement}.")
