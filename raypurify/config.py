@@ -197,6 +197,10 @@ class Workers(Strict):
     block_channels: int = Field(4096, ge=1, description="channels per scoring block (bounds actor memory)")
 
 
+# Units of a signature (raypurify/signature.py, SCOPES).
+Scope = Literal["mlp", "heads", "attn", "qk", "q"]
+
+
 class ImmunizeConfig(Strict):
     """Immunization signature purification (the main method)."""
 
@@ -205,10 +209,9 @@ class ImmunizeConfig(Strict):
     lam: float = Field(0.01, ge=0, description="weight of the alignment term (combined mode)")
     scoring: Literal["norm", "align", "combined"] = "combined"
     per_layer: bool = Field(False, description="top-rho of every layer instead of global")
-    scope: Literal["mlp", "heads", "attn", "qk", "q"] = Field(
-        "mlp", description="units scored: MLP channels, attention heads, attention channels, query/key or "
-                           "query channels")
-    suppress_scope: Literal["mlp", "heads", "attn", "qk", "q"] | None = Field(
+    scope: Scope = Field("mlp", description="units scored: MLP channels, attention heads, attention channels, "
+                                            "query/key or query channels")
+    suppress_scope: Scope | None = Field(
         None, description="the part of each selected unit that is re-drawn (zeroed for LoRA), default: all of "
                           "`scope`; attn, qk and q index the same units (e.g. score qk, suppress q)")
     seed: int = 0
@@ -406,9 +409,9 @@ class SweepSpace(Strict):
     canaries: CanarySettings = Field(default_factory=CanarySettings)
     utility: UtilityBudget = Field(default_factory=UtilityBudget)
     # Why: one run's ASR at an intermediate rho moves by tens of points with
-    # the seed of the re-draw and of the recovery's data order (BadNets,
-    # the same 16 units: 0.21 with one seed, 0.91 with another), so one run
-    # per trial cannot rank neighbouring trials.
+    # the seed of the re-draw and of the recovery's data order (the same
+    # signature over 3 seeds: sd up to 0.28 in reports/immunize-q), so one
+    # run per trial cannot rank neighbouring trials.
     repeats: int = Field(1, ge=1, le=8, description="purification trials: runs with seeds seed .. seed+repeats-1 "
                                                     "of re-draw and recovery order; the trial reports their means "
                                                     "(holds repeats x (1 + canaries) models in memory)")

@@ -18,8 +18,8 @@ and v and column c of o_proj (separate q/k/v projections only); with
 attends, not what it carries), with ``scope="q"`` only row c of q. The
 attention-channel scopes (attn, qk, q) index the same units, so a signature
 scored on one can be suppressed on another: the bench scores on qk and
-re-draws only the query rows (the trigger is read through the query side;
-the key rows, which ordinary prompts need too, are kept). A whole head
+re-draws only the query rows, which removes as much of the backdoor and
+keeps 2.5-5 more CDA points (README, "Results on the bench"). A whole head
 turned out too coarse on the bench: the layer-0 heads that carry the BadNets
 trigger also carry much of the model's skill, and re-drawing one cost 20+
 CDA points that the light recovery could not repair. Everything downstream

@@ -240,3 +240,12 @@ def test_attention_channels_refuse_fused_qkv(tmp_path):
     with pytest.raises(RaypurifyError, match="scope 'qk' needs separate q/k/v"):
         model_channel_keys(model, scope="qk")
     assert model_channel_keys(model, scope="heads")[1] == [2]
+
+
+def test_config_offers_exactly_the_signature_scopes():
+    import typing
+
+    from raypurify.config import Scope
+    from raypurify.signature import CHANNEL_SCOPES, SCOPES
+
+    assert typing.get_args(Scope) == SCOPES and set(CHANNEL_SCOPES) <= set(SCOPES)
