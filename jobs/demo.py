@@ -7,8 +7,8 @@
    (configs/immunize-bench-q.yaml: K = 6 first-order variant pairs on Ray
    Train + DeepSpeed, query/key channels scored on a Ray Data actor pool,
    their query rows re-drawn) at three intervention ratios, each recovered
-   with the re-drawn units 30x faster over 3 seeds (also shown with the
-   query and key rows re-drawn);
+   with the re-drawn units 30x faster over 3 seeds (also shown recovered
+   100x faster);
 4. evaluates, on the same triggered and clean held-out prompts, the clean,
    suspicious and purified models beside every control at the same budget
    (finetune only, random and layer-matched random channels, last-layer
@@ -29,7 +29,7 @@ from raypurify.errors import RaypurifyError
 
 # The bench's config, sweep, evaluation subset and ablation (README, "Results on the bench").
 CONFIG = "immunize-bench-q.yaml"
-RHOS, MAX_EVAL, OTHER_SCOPES = [0.016, 0.024, 0.032], 300, ["qk"]
+RHOS, MAX_EVAL, OTHER_SCALES = [0.016, 0.024, 0.032], 300, [100.0]
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -52,12 +52,12 @@ if __name__ == "__main__":
             cfg = ImmunizeConfig.model_validate({
                 "k": 2, "rho": 0.25, "variants": {"preset": "custom", "n_clean": 64, "poison_rate": 0.2,
                                                   "steps": 10, "lr": 3e-3, "batch_size": 16},
-                "scope": cfg.scope, "suppress_scope": cfg.suppress_scope, "recovery": {**cfg.recovery.model_dump(), "n_samples": 32, "epochs": 1,
-                                                 "batch_size": 16}})
+                "scope": cfg.scope, "suppress_scope": cfg.suppress_scope,
+                "recovery": {**cfg.recovery.model_dump(), "n_samples": 32, "epochs": 1, "batch_size": 16}})
             rhos, max_eval = [cfg.rho], None
         run_immunize_bench(a.zoo, a.out, [("badnets", "sentiment", "full")], rhos, cfg, seeds=seeds,
                            size=size, address=a.address, overwrite=True, max_eval=max_eval, twins=True,
-                           other_scopes=OTHER_SCOPES)
+                           other_scales=OTHER_SCALES)
     except RaypurifyError as e:
         print(f"raypurify: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -365,6 +365,11 @@ class CanarySettings(Strict):
                                    description="how a canary is implanted (default: like a variant, implant-like)")
     min_asr: float = Field(0.5, ge=0, le=1, description="a canary firing less than this before purification is "
                                                          "reported as too weak to judge by")
+    freeze_signature: bool = Field(
+        False, description="implant the canaries with the units of the sweep's largest signature held fixed (its "
+                           "suppressed part; max K and rho, the fixed scoring), so that a canary cannot sit where "
+                           "the signature looks: canaries implanted freely into the suspicious model learn in the "
+                           "units the variants move, which the real implant need not use (README, Blind tuning)")
 
     @model_validator(mode="after")
     def _enough_decoys(self):
@@ -550,7 +555,9 @@ class ConflictSpace(SweepSpace):
     def kind_problems(self) -> list[str]:
         repeats = [] if self.repeats == 1 else [f"repeats: {self.repeats}: a merge trial has no seeded run to repeat; "
                                                  "valid: 1 (repeats applies to immunize and combined sweeps)"]
-        return _no_mergekit_yaml(self.fixed, "fixed.") + repeats
+        frozen = (["canaries.freeze_signature: a merge sweep has no signature to hold; valid: false "
+                   "(it applies to immunize and combined sweeps)"] if self.canaries.freeze_signature else [])
+        return _no_mergekit_yaml(self.fixed, "fixed.") + repeats + frozen
 
 
 class CombinedSpace(SweepSpace):

@@ -43,3 +43,27 @@ def test_swaps_and_head_edits_change_exactly_their_part_and_restore_the_model(po
     changed = (probe_state[q] != before[q]).any(dim=1).nonzero().flatten().tolist()
     assert changed and set(changed) <= set(range(d, 2 * d))
     torch.testing.assert_close(probe_state[q][d:2 * d], twin[q][d:2 * d])
+
+
+def test_locate_job_finds_a_canary_and_the_suspicious_model_removes_it(zoo, tmp_path):
+    """`jobs/locate.py --canary`: the canary really fires, and swapping back every part removes it."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    space = tmp_path / "space.yaml"
+    space.write_text("kind: immunize\nfixed:\n  variants: {preset: custom, n_clean: 64, poison_rate: 0.2, steps: 10, "
+                     "lr: 3.0e-3}\nspace:\n  rho: [0.1]\ncanaries:\n  n: 2\n  implant: {preset: custom, n_clean: 300, "
+                     "poison_rate: 0.25, steps: 80, lr: 3.0e-3}\nutility: {heldout: 120}\n")
+    root = Path(__file__).parents[1]
+    cmd = [sys.executable, str(root / "jobs/locate.py"), "--zoo", str(zoo), "--smoke-test", "--space", str(space),
+           "--out", str(tmp_path / "out")]
+    bad = subprocess.run(cmd + ["--canary", "2"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--canary must be in 0..1" in bad.stderr and not (tmp_path / "out").exists()
+    r = subprocess.run(cmd + ["--canary", "0"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = {x["part"]: x["asr"] for x in json.loads((tmp_path / "out" / "locate.json").read_text())["rows"]}
+    assert rows["nothing"] >= 0.5  # the canary implant fires on its own trigger
+    assert rows["every part above <- suspicious"] <= 0.1  # the suspicious model does not know it
+    assert all(k == "nothing" or k.endswith("<- suspicious") or k.endswith("re-drawn") for k in rows)

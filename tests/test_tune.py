@@ -37,15 +37,6 @@ def test_bad_spaces_are_rejected_before_anything_runs(space, needle):
         build(AttackSpace, space)
 
 
-def test_shipped_space_is_valid():
-    from pathlib import Path
-
-    from raypurify.config import load_yaml
-
-    root = Path(__file__).resolve().parents[1]
-    build(AttackSpace, load_yaml(root / "tune_spaces/attack.yaml"))
-
-
 # --- Immunization sweep with the blind (canary) objective -------------------
 
 from raypurify.config import ImmunizeConfig, ImmunizeSpace  # noqa: E402
@@ -125,6 +116,36 @@ def test_canaries_fire_before_purification_and_not_on_the_suspicious_model(sweep
                        for v in res["run"]["variant_triggers"])
 
 
+def test_canaries_implanted_with_the_signature_held_leave_its_units_alone_and_still_fire(
+        zoo, poisoned_pico, local_ray, tmp_path):
+    # freeze_signature: the canaries train in a second fit, after scoring,
+    # with the largest signature's units held; they must still fire.
+    import torch
+
+    from raypurify.distributed.tune import prepare_sweep
+    from raypurify.io import load_examples, load_model
+    from raypurify.signature import unit_masks
+
+    space = build(ImmunizeSpace, {**PICO_SPACE, "repeats": 1, "space": {"rho": [0.1, 0.3], "k": [2, 3]},
+                                  "canaries": {**PICO_SPACE["canaries"], "freeze_signature": True}})
+    prep = prepare_sweep(str(poisoned_pico), None, load_examples(zoo / "clean_pool.json"), space, tmp_path, None)
+    run, held = prep["run"], prep["run"]["canary_frozen_units"]
+    assert run["train_fits"] == 2 and run["canary_finetunes"] == 2 and run["variant_finetunes"] == 6
+    n_units = sum(len(u) for u in held)
+    total = sum(prep["shared"]["terms"]["3|mlp"]["channels"])
+    assert n_units == round(0.3 * total)  # the largest rho of the space, at the largest K
+    suspicious, _ = load_model(poisoned_pico)
+    masks = unit_masks(suspicious, [torch.tensor(u, dtype=torch.long) for u in held], scope="mlp")
+    before = suspicious.state_dict()
+    for d, c in zip(prep["shared"]["canary_dirs"], prep["canaries"]):
+        after = load_model(d)[0].state_dict()
+        for name, m in masks.items():
+            assert torch.equal(after[name][m], before[name][m])  # the signature's units are held
+            assert not torch.equal(after[name][~m], before[name][~m])  # the rest of those weights trains
+        assert c["asr_before"] >= 0.8, c  # measured: the canary fires without those units
+        assert c["asr_on_suspicious"] <= 0.1, c
+
+
 def test_best_yaml_round_trips_into_purify_config(sweep, poisoned_pico, tmp_path, capsys):
     from raypurify.cli import main
     from raypurify.tuning import merge, nested
@@ -188,6 +209,23 @@ def test_shipped_immunize_space_is_valid():
     assert max(space.values("k")) == 6
     qk = build(ImmunizeSpace, load_yaml(root / "tune_spaces/immunize-bench-qk.yaml"))
     assert qk.values("recovery.fresh_lr_scale") == [10, 30, 100] and qk.canaries.implant.steps == 300
+    frozen = build(ImmunizeSpace, load_yaml(root / "tune_spaces/immunize-bench-q-frozen.yaml"))
+    assert frozen.canaries.freeze_signature and frozen.repeats == 3
+
+
+def test_every_shipped_space_and_config_is_valid():
+    from pathlib import Path
+
+    from raypurify.config import load_space, load_yaml
+
+    root = Path(__file__).resolve().parents[1]
+    spaces = sorted((root / "tune_spaces").glob("*.yaml"))
+    configs = sorted((root / "configs").glob("immunize*.yaml"))
+    assert len(spaces) >= 5 and len(configs) >= 5
+    for path in spaces:  # each raises with every problem of the file
+        build(AttackSpace, load_yaml(path)) if path.name == "attack.yaml" else load_space(path)
+    for path in configs:
+        build(ImmunizeConfig, load_yaml(path), source=str(path))
 
 
 # --- Pure pieces: milliseconds ------------------------------------------------

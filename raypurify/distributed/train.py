@@ -49,7 +49,10 @@ class TrainJob:
         export: Write a standard HF model / PEFT adapter directory ``<name>/``
             (``save_pretrained``) instead of a raw safetensors file.
         fresh: Units to train faster (the re-drawn units of a recovery):
-            ``{"scope", "lora", "units": [[index, ...] per layer], "lr_scale"}``.
+            ``{"scope", "lora", "units": [[index, ...] per layer], "lr_scale"}``;
+            with ``"frozen": True`` the units are held instead and the rest
+            of their weights trains at ``lr_scale`` (canaries kept out of a
+            signature).
     """
 
     name: str
@@ -191,6 +194,8 @@ def _worker(config: dict) -> None:
             f = job["fresh"]
             masks = unit_masks(model, [torch.tensor(u, dtype=torch.long) for u in f["units"]], lora=f["lora"],
                                scope=f["scope"])
+            if f.get("frozen"):
+                masks = {name: ~m for name, m in masks.items()}
             params = fresh_groups(model, masks, f["lr_scale"])
         ds_config = {
             "train_batch_size": settings.batch_size,

@@ -229,6 +229,25 @@ def canary_jobs(space, rest: list, mode: str, avoid: list = ()) -> tuple[list, l
     return canaries, jobs
 
 
+def _freeze(c_jobs: list, terms: dict, space, max_k: int, lora: bool) -> tuple[list, list[list[int]]]:
+    """The canary jobs with the units of the sweep's largest signature held.
+
+    The largest signature: max K and rho of the space, its first scope and
+    the fixed scoring; its suppressed part (``suppress_scope``) is held, the part a
+    trial re-draws. Returns the jobs and the held units per layer.
+    """
+    from dataclasses import replace
+
+    from raypurify.distributed.immunize import signature_from
+
+    cfg = space.base().model_copy(update={"k": max_k, "rho": max(space.values("rho")),
+                                          "scope": space.values("scope")[0]})
+    _, sig = signature_from(terms[f"{max_k}|{cfg.scope}"], cfg)
+    units = [u.tolist() for u in sig]
+    held = {"scope": cfg.suppressed_scope, "lora": lora, "units": units, "lr_scale": 1.0, "frozen": True}
+    return [replace(j, fresh=held) for j in c_jobs], units
+
+
 def _canary_dirs(model_dir: str, adapter: str | None, out: Path, canaries: list) -> list[str]:
     from transformers import AutoTokenizer
 
@@ -297,15 +316,17 @@ def prepare_sweep(model_dir: str, adapter: str | None, pool: list, space, work: 
     jobs = variant_jobs(cfg_max, rest, mode, save)
     variants = make_variants(max_k, seed=base.seed)
     canaries, c_jobs = canary_jobs(space, rest, mode, avoid=variants)
-    # Canaries train in the same fit as the variants: one fixed cost, not two.
-    jobs += c_jobs
+    frozen = space.canaries.freeze_signature
+    # Canaries train in the same fit as the variants (one fixed cost, not
+    # two), unless they must avoid the signature, which needs the scores.
+    if not frozen:
+        jobs += c_jobs
     t0 = time.time()
-    log(f"tune: training {2 * max_k} variant finetunes (K={max_k}) and {len(canaries)} canary implants "
-        f"in one Ray Train fit")
-    out, records = run_jobs(model_dir, jobs, cluster_for(cfg_max.workers, work / "ray_train"), adapter=adapter,
-                            name=SHARED_TRAIN_NAME)
-    timings["train_variants_and_canaries"] = round(time.time() - t0, 2)
-    canary_dirs = _canary_dirs(model_dir, adapter, out, canaries)
+    log(f"tune: training {2 * max_k} variant finetunes (K={max_k})"
+        f"{'' if frozen else f' and {len(canaries)} canary implants'} in one Ray Train fit")
+    cluster = cluster_for(cfg_max.workers, work / "ray_train")
+    out, records = run_jobs(model_dir, jobs, cluster, adapter=adapter, name=SHARED_TRAIN_NAME)
+    timings["train_variants" if frozen else "train_variants_and_canaries"] = round(time.time() - t0, 2)
 
     t0 = time.time()
     pairs = [(str(out / f"v{k}-P.safetensors"), str(out / f"v{k}-C.safetensors")) for k in range(max_k)]
@@ -319,6 +340,17 @@ def prepare_sweep(model_dir: str, adapter: str | None, pool: list, space, work: 
             terms[f"{k}|{scope}"] = {"magnitude": mag, "alignment": align, "channels": channels}
     timings["score"] = round(time.time() - t0, 2)
 
+    frozen_units = None
+    if frozen:
+        t0 = time.time()
+        c_jobs, frozen_units = _freeze(c_jobs, terms, space, max_k, bool(adapter))
+        log(f"tune: training {len(canaries)} canary implants in a second fit, the largest signature's "
+            f"{sum(map(len, frozen_units))} units held")
+        out, c_records = run_jobs(model_dir, c_jobs, cluster, adapter=adapter, name=f"{SHARED_TRAIN_NAME}-canaries")
+        records += c_records
+        timings["train_canaries"] = round(time.time() - t0, 2)
+    canary_dirs = _canary_dirs(model_dir, adapter, out, canaries)
+
     t0 = time.time()
     held_r = _records(held)
     susp, canary_records = measure_unpurified(model_dir, adapter, held_r, canaries, canary_dirs, bench,
@@ -326,12 +358,16 @@ def prepare_sweep(model_dir: str, adapter: str | None, pool: list, space, work: 
     timings["baseline"] = round(time.time() - t0, 2)
     run = {"variant_finetunes": sum(1 for r in records if r["name"].startswith("v")),
            "canary_finetunes": sum(1 for r in records if r["name"].startswith("canary")),
-           "train_fits": 1, "max_k": max_k, "scoring_runs": sorted(terms), "scoring_passes": len(scopes),
+           "train_fits": 2 if frozen else 1, "canary_frozen_units": frozen_units, "max_k": max_k,
+           "scoring_runs": sorted(terms), "scoring_passes": len(scopes),
            "timings_s": timings,
            "variant_triggers": [v.trigger for v in variants], "n_heldout": len(held), "n_rest": len(rest),
            "train_records": records}
     run["shared_work"] = (f"{run['variant_finetunes']} variant finetunes (K={max_k}) + {run['canary_finetunes']} "
-                          f"canary implants in 1 Ray Train fit; scores for {', '.join(run['scoring_runs'])} (K|scope)")
+                          f"canary implants in {run['train_fits']} Ray Train fit(s); scores for "
+                          f"{', '.join(run['scoring_runs'])} (K|scope)"
+                          + (f"; canaries implanted with {sum(map(len, frozen_units))} signature units held"
+                             if frozen else ""))
     shared = {"model": model_dir, "adapter": adapter, "heldout": held_r, "rest": _records(rest),
               "canaries": canaries, "canary_dirs": canary_dirs, "terms": terms, "fixed": space.fixed,
               "baseline": {"cda": susp["cda"], "ppl": susp["ppl"]}, "bench": bench,
