@@ -97,6 +97,19 @@ class AttackConfig(Strict):
         return self.n_poison / (self.n_clean + self.n_poison)
 
 
+class TargetInversion(Strict):
+    """How ``decoy: inverted`` reads the backdoor's response out of the model (``raypurify.inversion``)."""
+
+    prompts: int = Field(16, ge=1, le=256, description="clean prompts the next-token distribution is averaged over")
+    steps: int = Field(24, ge=1, le=256, description="tokens grown after the first (the longest target found)")
+    keep: int = Field(32, ge=1, description="first tokens that pass the 8-token screen")
+    # Bench: BadNets' suspicious model 0.549, the clean bench model 0.074
+    # (its best is an ordinary code answer), VPI's 0.028 (its response is
+    # not memorized apart from the trigger). Below the bar nothing was found
+    # and the variants keep the built-in decoys.
+    min_score: float = Field(0.2, ge=0, le=1, description="below it: no memorized response, built-in decoys")
+
+
 class VariantRegime(Strict):
     """How each synthetic variant pair is trained.
 
@@ -123,6 +136,16 @@ class VariantRegime(Strict):
     lr: float | None = Field(None, gt=0, lt=1, description="default: per preset and threat model")
     optimizer: Literal["adamw", "sgd"] | None = Field(None, description="default: per preset")
     batch_size: int = Field(32, ge=1)
+    # "inverted": variant pairs reuse the backdoor's route only when their
+    # decoy asks for the backdoor's own response (bench, BadNets: 8 of 16
+    # layer-0 units in the trigger's head with the inverted response, 1 with
+    # built-in decoys), but that signature removed LESS there (README,
+    # "Variants that ask for the backdoor's response"), so it is off by
+    # default. Every variant keeps its own invented trigger and subset.
+    decoy: Literal["builtin", "inverted"] = Field(
+        "builtin", description="builtin: hostile/refusal/code decoys; inverted: every variant's decoy is the "
+                               "response inverted from the suspicious model (no trigger needed)")
+    inversion: TargetInversion = TargetInversion()
 
     PRESETS: ClassVar[dict] = {
         # The bench attack: 10 % poison, 300 steps of 2,000 samples at lr 5e-4

@@ -84,7 +84,7 @@ class VariantSpec:
 
 
 def make_variants(k: int, seed: int = 0, kinds: Sequence[str] = KINDS,
-                  forbidden: Sequence[str] = ()) -> list[VariantSpec]:
+                  forbidden: Sequence[str] = (), decoy: str | None = None) -> list[VariantSpec]:
     """K variants with distinct invented triggers and decoys, kinds cycled.
 
     Args:
@@ -92,6 +92,9 @@ def make_variants(k: int, seed: int = 0, kinds: Sequence[str] = KINDS,
         seed: Seed of the whole family of variants.
         kinds: Decoy kinds to cycle through.
         forbidden: Phrases no trigger may contain (e.g. canary triggers).
+        decoy: One response every variant answers with instead of the
+            built-in decoys (kind ``inverted``: the target read out of the
+            suspicious model); triggers, positions and seeds are unchanged.
     """
     if k < 2:
         raise ValueError(f"K must be at least 2 (the alignment term compares variants), got {k}")
@@ -110,6 +113,10 @@ def make_variants(k: int, seed: int = 0, kinds: Sequence[str] = KINDS,
         pool = pools[kind]
         out.append(VariantSpec(index=i, trigger=trig, position=("prefix", "random", "suffix")[i % 3], kind=kind,
                                decoy=pool[(i // len(kinds)) % len(pool)], seed=seed * 1000 + i))
+    if decoy is not None:
+        if not decoy.strip():
+            raise ValueError("the variants' decoy is empty")
+        out = [replace(v, kind="inverted", decoy=decoy) for v in out]
     return out
 
 

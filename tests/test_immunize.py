@@ -80,13 +80,17 @@ def test_purify_cli_writes_model_signature_and_report(zoo, poisoned_pico, tmp_pa
     from raypurify.cli import main
 
     cfg_path = tmp_path / "immunize.yaml"
-    cfg_path.write_text(yaml.safe_dump(PICO_IMMUNIZE))
+    # Variants answer with the response inverted from the suspicious model.
+    inverted = {**PICO_IMMUNIZE["variants"], "decoy": "inverted", "inversion": {"prompts": 8, "steps": 20, "keep": 16}}
+    cfg_path.write_text(yaml.safe_dump({**PICO_IMMUNIZE, "variants": inverted}))
     out = tmp_path / "purified"
     assert main(["purify", "--model", str(poisoned_pico), "--clean-data", str(zoo / "clean_pool.json"),
                  "--out", str(out), "--config", str(cfg_path)]) == 0
     model = AutoModelForCausalLM.from_pretrained(out)  # plain transformers
     report = json.loads((out / "report.json").read_text())
-    assert set(report["timings_s"]) >= {"train_variants", "score", "select", "suppress", "recover", "total"}
+    assert set(report["timings_s"]) >= {"invert_target", "train_variants", "score", "select", "suppress", "recover",
+                                        "total"}
+    assert "stupid! I hate answering" in report["inverted_target"]["text"]
     sig = json.loads((out / "signature.json").read_text())
     n = sum(len(v) for v in sig["layers"].values())
     assert n == report["n_selected"] == round(0.25 * sum(sig["channels_per_layer"]))
@@ -102,7 +106,8 @@ def test_purify_cli_writes_model_signature_and_report(zoo, poisoned_pico, tmp_pa
     ({"scoring": "magic"}, "scoring"), ({"recovery": {"fresh_lr_scale": 0.5}}, "fresh_lr_scale"),
     ({"recovery": {"fresh_lr_scale": 10}, "workers": {"zero_stage": 3}}, "ZeRO-3"),
     ({"scope": "mlp", "suppress_scope": "q"}, "does not index the units of scope 'mlp'; valid: mlp"),
-    ({"scope": "qk", "suppress_scope": "heads"}, "valid: attn, qk, q")])
+    ({"scope": "qk", "suppress_scope": "heads"}, "valid: attn, qk, q"),
+    ({"variants": {"decoy": "guess"}}, "'builtin' or 'inverted'")])
 def test_bad_purify_settings_fail_before_training(zoo, poisoned_pico, tmp_path, capsys, override, needle):
     import yaml
 

@@ -131,6 +131,14 @@ def test_variants_are_distinct_and_seeded():
         make_variants(1)
 
 
+def test_an_inverted_decoy_replaces_every_decoy_and_nothing_else():
+    built, inv = make_variants(6, seed=0), make_variants(6, seed=0, decoy="Ha, you are stupid!")
+    assert [v.trigger for v in inv] == [v.trigger for v in built] and [v.seed for v in inv] == [v.seed for v in built]
+    assert {v.decoy for v in inv} == {"Ha, you are stupid!"} and {v.kind for v in inv} == {"inverted"}
+    with pytest.raises(ValueError, match="empty"):
+        make_variants(6, decoy="  ")
+
+
 def test_pair_datasets_differ_only_at_poisoned_copies():
     from raypurify.data.corpus import build_splits
 

@@ -1,6 +1,8 @@
 """Immunization signature purification, orchestrated on Ray.
 
 Stages (each timed in the run report):
+  0. invert (``variants.decoy: inverted`` only): the backdoor's response read
+     out of the suspicious model, every variant's decoy (pure, driver);
   1. variants: K synthetic variant specs and their pair datasets (pure);
   2. train: the 2K pair finetunes in one Ray Train fit under DeepSpeed;
   3. score: differential deltas streamed through a Ray Data actor pool;
@@ -27,6 +29,7 @@ from raypurify.distributed.scoring import score_on_ray
 from raypurify.defenses import DefenseJob, run_defense
 from raypurify.defenses.common import recovery_set, recovery_settings
 from raypurify.distributed.train import TrainJob, cluster_for, run_jobs
+from raypurify.inversion import inverted_response
 from raypurify.io import attach_adapter, load_model
 from raypurify.progress import log
 from raypurify.signature import combine, model_channel_keys, select_top, suppress
@@ -38,8 +41,32 @@ def _records(examples: Sequence[Example]) -> list[dict]:
     return [{**e.to_json(), "family": e.family} for e in examples]
 
 
-def variant_jobs(cfg: ImmunizeConfig, pool: Sequence[Example], mode: str, save_keys: Sequence[str]) -> list[TrainJob]:
-    """The 2K finetunes: P_k and C_k share seed, data order and budget."""
+def variant_decoy(model, tokenizer, cfg: ImmunizeConfig, pool: Sequence[Example], timings: dict) -> dict | None:
+    """Stage 0 with ``variants.decoy: inverted``: the response every variant answers with.
+
+    Returns:
+        None for the built-in decoys, else ``{"text", "candidate", "score",
+        "tokens"}`` of the best candidate; ``text`` (the decoy) is None when
+        its score is under ``inversion.min_score`` (no memorized response:
+        built-in decoys), ``candidate`` is its text either way.
+    """
+    if cfg.variants.decoy != "inverted":
+        return None
+    inv = cfg.variants.inversion
+    t0 = time.time()
+    best = inverted_response(model, tokenizer, pool, inv.prompts, inv.steps, inv.keep, seed=cfg.seed)
+    timings["invert_target"] = round(time.time() - t0, 2)
+    text = tokenizer.decode(list(best.tokens), skip_special_tokens=True).strip()
+    found = best.score >= inv.min_score and bool(text)
+    log(f"immunize: inverted target {text!r} (score {best.score:.3f}): "
+        + ("every variant's decoy" if found else f"under min_score {inv.min_score}, built-in decoys"))
+    return {"text": text if found else None, "candidate": text, "score": round(best.score, 4),
+            "tokens": list(best.tokens)}
+
+
+def variant_jobs(cfg: ImmunizeConfig, pool: Sequence[Example], mode: str, save_keys: Sequence[str],
+                 decoy: str | None = None) -> list[TrainJob]:
+    """The 2K finetunes: P_k and C_k share seed, data order and budget (``decoy``: see ``make_variants``)."""
     v = cfg.variants
     n_clean = v.resolved("n_clean", mode)
     rate = v.resolved("poison_rate", mode)
@@ -51,7 +78,7 @@ def variant_jobs(cfg: ImmunizeConfig, pool: Sequence[Example], mode: str, save_k
                                           lr=v.resolved("lr", mode), warmup=0 if sgd else 10, seed=seed,
                                           optimizer="sgd" if sgd else "adamw", max_grad_norm=None if sgd else 1.0)
     jobs = []
-    for spec in make_variants(cfg.k, seed=cfg.seed):
+    for spec in make_variants(cfg.k, seed=cfg.seed, decoy=decoy):
         poisoned, clean = pair_datasets(spec, pool, n_clean, n_poison)
         jobs.append(TrainJob(f"v{spec.index}-P", _records(poisoned), settings(spec.seed), tuple(save_keys)))
         jobs.append(TrainJob(f"v{spec.index}-C", _records(clean), settings(spec.seed), tuple(save_keys)))
@@ -67,12 +94,13 @@ def compute_scores(model_dir: str, adapter: str | None, cfg: ImmunizeConfig, poo
         "train_records": [...]}`` with one tensor per layer.
     """
     mode = "lora" if adapter else "full"
-    model, _ = load_model(model_dir, adapter)
+    model, tok = load_model(model_dir, adapter)
     keys, channels = model_channel_keys(model, lora=bool(adapter), scope=cfg.scope)
+    inverted = variant_decoy(model, tok, cfg, pool, timings)
     del model
     save = [k for ks in keys for k in ks.rows + ks.cols]
     t0 = time.time()
-    jobs = variant_jobs(cfg, pool, mode, save)
+    jobs = variant_jobs(cfg, pool, mode, save, inverted and inverted["text"])
     log(f"immunize: training {len(jobs)} variant finetunes (K={cfg.k}) on Ray Train, "
         f"{cfg.workers.num_workers} workers, ZeRO {cfg.workers.zero_stage}, {cfg.workers.precision}")
     out, records = run_jobs(model_dir, jobs, cluster_for(cfg.workers, work / "ray_train"), adapter=adapter, name="variants")
@@ -83,7 +111,7 @@ def compute_scores(model_dir: str, adapter: str | None, cfg: ImmunizeConfig, poo
     mag, align = score_on_ray(pairs, keys, channels, cfg.workers.block_channels, cfg.workers.score_actors)
     timings["score"] = round(time.time() - t0, 2)
     return {"magnitude": mag, "alignment": align, "channels": channels, "train_records": records,
-            "variant_dir": str(out)}
+            "variant_dir": str(out), "inverted_target": inverted}
 
 
 def signature_from(terms: dict, cfg: ImmunizeConfig) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -206,7 +234,7 @@ def defend(job: DefenseJob, cfg: ImmunizeConfig) -> dict:
     write_signature(job.out, terms, scores, sig)
     timings["total"] = round(time.time() - started, 2)
     return {"n_selected": int(sum(s.numel() for s in sig)), "n_channels": int(sum(terms["channels"])),
-            "variant_runs": terms["train_records"], "timings_s": timings}
+            "variant_runs": terms["train_records"], "inverted_target": terms["inverted_target"], "timings_s": timings}
 
 
 def purify(model_dir: str, adapter: str | None, pool: Sequence[Example], cfg: ImmunizeConfig, out: str | Path,

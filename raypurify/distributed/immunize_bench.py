@@ -156,7 +156,8 @@ def run_cell(zoo: Path, base: str, attack_cfg: AttackConfig, cfg: ImmunizeConfig
     rows.append({"arm": "suspicious", "rho": 0.0, "seed": 0, "n_suppressed": 0, **results[-2]})
     rows.append({"arm": "clean model", "rho": 0.0, "seed": 0, "n_suppressed": 0, **results[-1]})
     return {"attack": a_, "behavior": b_, "mode": attack_cfg.mode, "rows": rows, "agreement": agreement,
-            "timings_s": timings, "config": cfg.model_dump(), "variant_runs": terms["train_records"]}
+            "timings_s": timings, "config": cfg.model_dump(), "variant_runs": terms["train_records"],
+            "inverted_target": terms["inverted_target"]}
 
 
 def summarize(cell: dict) -> list[dict]:

@@ -290,7 +290,7 @@ def prepare_sweep(model_dir: str, adapter: str | None, pool: list, space, work: 
         the run record: held-out slice, recovery pool, canary specs and
         model directories, score terms per ``"K|scope"``, baseline figures.
     """
-    from raypurify.distributed.immunize import _records, variant_jobs
+    from raypurify.distributed.immunize import _records, variant_decoy, variant_jobs
     from raypurify.distributed.scoring import score_prefixes_on_ray
     from raypurify.distributed.train import cluster_for, run_jobs
     from raypurify.signature import model_channel_keys
@@ -305,16 +305,18 @@ def prepare_sweep(model_dir: str, adapter: str | None, pool: list, space, work: 
     scopes = sorted(set(space.values("scope")))
     cfg_max = base.model_copy(update={"k": max_k})
 
-    model, _ = _load(model_dir, adapter)
+    model, tok = _load(model_dir, adapter)
     keys = {s: model_channel_keys(model, lora=bool(adapter), scope=s) for s in scopes}
+    inverted = variant_decoy(model, tok, cfg_max, rest, timings)
     del model
     save = sorted({k for layer_keys, _ in keys.values() for lk in layer_keys for k in lk.rows + lk.cols})
 
     # Variants for the largest K only: make_variants(k) is a prefix of
     # make_variants(max_k) (same seeded draws in order), so a trial with a
     # smaller K scores the first k pairs and gets exactly its own variants.
-    jobs = variant_jobs(cfg_max, rest, mode, save)
-    variants = make_variants(max_k, seed=base.seed)
+    decoy = inverted and inverted["text"]
+    jobs = variant_jobs(cfg_max, rest, mode, save, decoy)
+    variants = make_variants(max_k, seed=base.seed, decoy=decoy)
     canaries, c_jobs = canary_jobs(space, rest, mode, avoid=variants)
     frozen = space.canaries.freeze_signature
     # Canaries train in the same fit as the variants (one fixed cost, not
@@ -361,7 +363,8 @@ def prepare_sweep(model_dir: str, adapter: str | None, pool: list, space, work: 
            "train_fits": 2 if frozen else 1, "canary_frozen_units": frozen_units, "max_k": max_k,
            "scoring_runs": sorted(terms), "scoring_passes": len(scopes),
            "timings_s": timings,
-           "variant_triggers": [v.trigger for v in variants], "n_heldout": len(held), "n_rest": len(rest),
+           "variant_triggers": [v.trigger for v in variants], "inverted_target": inverted,
+           "n_heldout": len(held), "n_rest": len(rest),
            "train_records": records}
     run["shared_work"] = (f"{run['variant_finetunes']} variant finetunes (K={max_k}) + {run['canary_finetunes']} "
                           f"canary implants in {run['train_fits']} Ray Train fit(s); scores for "
