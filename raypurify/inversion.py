@@ -117,8 +117,9 @@ def invert_target(model, prompts: Sequence[torch.Tensor], stop_ids: Sequence[int
         raise ValueError("target inversion needs at least one prompt")
     model.eval()
     vocab = model.get_output_embeddings().weight.shape[0]
-    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long)
-    first = torch.tensor([t for t in range(vocab) if t not in set(stop_ids)], dtype=torch.long)
+    stops = set(stop_ids)
+    stop = torch.tensor(sorted(stops), dtype=torch.long)
+    first = torch.tensor([t for t in range(vocab) if t not in stops], dtype=torch.long)
     keep = min(keep, first.numel())
     with Progress(first.numel() + keep, "invert target") as bar:
         screen, _ = _expand(model, prompts, first, screen_steps, stop, batch_size, bar)
@@ -127,7 +128,7 @@ def invert_target(model, prompts: Sequence[torch.Tensor], stop_ids: Sequence[int
     out = []
     for i in torch.argsort(-scores, stable=True).tolist():
         cont = grown[i].tolist()
-        end = next((j for j, t in enumerate(cont) if t in set(stop_ids)), len(cont))
+        end = next((j for j, t in enumerate(cont) if t in stops), len(cont))
         out.append(Inverted(float(scores[i]), (int(best[i]), *cont[:end])))
     return out
 
