@@ -13,6 +13,14 @@ sweep directory (trials.md, pareto.png, best.yaml) per attack.
     ray job submit --working-dir . -- python jobs/tune_bench.py --zoo /abs/zoo --out /abs/out
 
 `--smoke-test`: the pico model, 2 attacks, 4 tiny trials each.
+
+`--rechoose DIR[,DIR...]` makes the choices of finished runs of the same
+space again under another utility budget (`--max-cda-drop`,
+`--max-ppl-ratio` override the space's) in seconds, without re-running a
+trial, into a new `--out`:
+
+    python jobs/tune_bench.py --space tune_spaces/immunize-bench-q-frozen.yaml \
+        --rechoose reports/tune-bench-q-frozen --max-ppl-ratio 1.15 --out /tmp/rechosen
 """
 
 import argparse
@@ -45,6 +53,9 @@ if __name__ == "__main__":
     p.add_argument("--address", help="Ray cluster address (default: embedded local Ray)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--smoke-test", action="store_true", help="pico model, 2 attacks, 4 tiny trials each")
+    p.add_argument("--max-cda-drop", type=float, help="utility budget: CDA lost (overrides the space's)")
+    p.add_argument("--max-ppl-ratio", type=float, help="utility budget: perplexity ratio (overrides the space's)")
+    p.add_argument("--rechoose", help="comma-separated finished runs of --space: choose again, re-run nothing")
     a = p.parse_args()
     try:
         data, size, overrides = load_yaml(a.space), "bench", None
@@ -52,9 +63,14 @@ if __name__ == "__main__":
             data, size, overrides, a.attacks = SMOKE_SPACE, "pico", PICO_ATTACK, "badnets,vpi"
         if not a.asha:
             data = {**data, "asha": {**data.get("asha", {}), "enabled": False}}
+        budget = {k: v for k, v in (("max_cda_drop", a.max_cda_drop), ("max_ppl_ratio", a.max_ppl_ratio)) if v is not None}
+        data = {**data, "utility": {**data.get("utility", {}), **budget}}
         space = build(ImmunizeSpace, data, source=f"search space {a.space}")
-        from raypurify.distributed.tune_bench import run_tune_bench
+        from raypurify.distributed.tune_bench import rechoose_tune_bench, run_tune_bench
 
+        if a.rechoose:
+            rechoose_tune_bench(a.rechoose.split(","), a.out, space, overwrite=a.overwrite)
+            sys.exit(0)
         run_tune_bench(a.zoo, a.out, space, a.attacks.split(","), behavior=a.behavior, mode=a.mode, size=size,
                        address=a.address, overwrite=a.overwrite, attack_overrides=overrides)
     except RaypurifyError as e:

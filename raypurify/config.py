@@ -408,6 +408,8 @@ class UtilityBudget(Strict):
     """How utility is measured and how much of it a chosen trial may lose."""
 
     max_cda_drop: float = Field(0.01, ge=0, le=1, description="CDA lost against the suspicious model (0.01 = 1 point)")
+    max_ppl_ratio: float | None = Field(None, ge=1, description="perplexity against the suspicious model's (1.15 = "
+                                                               "15 % higher); None: no limit")
     heldout: int = Field(200, ge=10, description="samples of the clean data held out to measure utility and canary "
                                                  "ASR (disjoint from the recovery samples)")
 

@@ -4,8 +4,9 @@ The blind objective of a sweep: every trial purifies the suspicious model
 and a few canary models (copies of it with backdoors raypurify implanted
 itself, so their trigger is known) with the same signature and recovery,
 then reports canary ASR and utility on the defender's own clean held-out
-slice. The choice is the lowest canary ASR among the trials that lose at
-most ``max_cda_drop`` of CDA. On the bench, where the real attack is known,
+slice. The choice is the lowest canary ASR among the trials within the
+utility budget (``UtilityBudget``: at most ``max_cda_drop`` of CDA lost and,
+if set, perplexity at most ``max_ppl_ratio`` times the suspicious model's). On the bench, where the real attack is known,
 the same trials also carry the true ASR, and the blind choice is compared
 with the best choice in hindsight.
 
@@ -116,19 +117,41 @@ def epoch_ends(steps: int, epochs: int) -> list[int]:
     return [max(1, round((e + 1) * steps / epochs)) for e in range(epochs)]
 
 
-def objective(canary_asr: float, cda_drop: float, max_cda_drop: float) -> float:
-    """One number to minimize (for ASHA and Optuna): canary ASR, with CDA lost past the budget.
+def excess(trial: Mapping[str, Any], budget) -> float:
+    """How far a trial is past the utility budget (0 inside it).
+
+    Args:
+        trial: A record with ``cda_drop`` and ``ppl_ratio``.
+        budget: A ``UtilityBudget`` (``max_cda_drop``, ``max_ppl_ratio`` or None).
+
+    Returns:
+        CDA lost past ``max_cda_drop`` plus perplexity ratio past ``max_ppl_ratio``.
+    """
+    over = max(0.0, trial["cda_drop"] - budget.max_cda_drop)
+    if budget.max_ppl_ratio is not None:
+        over += max(0.0, trial["ppl_ratio"] - budget.max_ppl_ratio)
+    return over
+
+
+def within_budget(trial: Mapping[str, Any], budget) -> bool:
+    return excess(trial, budget) <= 1e-9
+
+
+def describe(budget) -> str:
+    """The budget in words, for every statement and table that applies it."""
+    ppl = "" if budget.max_ppl_ratio is None else f" and raise perplexity at most {budget.max_ppl_ratio:g}x"
+    return f"lose at most {budget.max_cda_drop * 100:.1f} CDA points{ppl}"
+
+
+def objective(trial: Mapping[str, Any], budget) -> float:
+    """One number to minimize (for ASHA and Optuna): canary ASR, with utility lost past the budget.
 
     Inside the budget only canary ASR counts, as in the final choice; every
-    point of CDA lost past the budget costs as much as all of ASR, so a trial
-    outside it never ranks above one inside it.
+    point of CDA (or 0.01 of perplexity ratio) past the budget costs as much
+    as all of ASR, so a trial outside it never ranks above one inside it.
     """
-    excess = max(0.0, cda_drop - max_cda_drop)
-    return canary_asr + (1.0 + 100.0 * excess if excess > 1e-12 else 0.0)
-
-
-def within_budget(trial: Mapping[str, Any], max_cda_drop: float) -> bool:
-    return trial["cda_drop"] <= max_cda_drop + 1e-9
+    over = excess(trial, budget)
+    return trial["canary_asr"] + (1.0 + 100.0 * over if over > 1e-9 else 0.0)
 
 
 # What "milder" means per sweep kind: less suppressed, then less merged in.
@@ -140,8 +163,7 @@ def _tiebreak(t: Mapping[str, Any]) -> tuple:
     return (t["cda_drop"], *(t["point"].get(k, 0.0) for k in _MILDNESS), str(t.get("trial_id", "")))
 
 
-def choose(trials: Sequence[Mapping[str, Any]], max_cda_drop: float,
-           metric: str = "canary_asr") -> tuple[Mapping[str, Any] | None, str]:
+def choose(trials: Sequence[Mapping[str, Any]], budget, metric: str = "canary_asr") -> tuple[Mapping[str, Any] | None, str]:
     """The chosen trial and a sentence that states why.
 
     Only trials that ran their whole recovery (``complete``) are candidates:
@@ -150,7 +172,7 @@ def choose(trials: Sequence[Mapping[str, Any]], max_cda_drop: float,
 
     Args:
         trials: Trial records.
-        max_cda_drop: Utility budget (CDA lost against the suspicious model).
+        budget: The utility budget (``UtilityBudget``), against the suspicious model.
         metric: ``canary_asr`` (blind) or ``true_asr`` (hindsight, bench only).
 
     Returns:
@@ -160,21 +182,22 @@ def choose(trials: Sequence[Mapping[str, Any]], max_cda_drop: float,
     done = [t for t in trials if t.get("complete") and metric in t]
     if not done:
         return None, "no trial completed its recovery; nothing to choose"
-    ok = [t for t in done if within_budget(t, max_cda_drop)]
+    ok = [t for t in done if within_budget(t, budget)]
     what = "canary ASR" if metric == "canary_asr" else "true ASR"
     if ok:
         best = min(ok, key=lambda t: (t[metric], *_tiebreak(t)))
         return best, (f"lowest {what} ({best[metric]:.3f}) among the {len(ok)} of {len(done)} completed trials "
-                      f"that lose at most {max_cda_drop * 100:.1f} CDA points on the defender's held-out slice")
-    best = min(done, key=lambda t: (t["cda_drop"], t[metric], *_tiebreak(t)))
-    return best, (f"NO trial stayed within the utility budget ({max_cda_drop * 100:.1f} CDA points); falling back "
-                  f"to the smallest CDA loss ({best['cda_drop'] * 100:.1f} points, {what} {best[metric]:.3f})")
+                      f"that {describe(budget)} on the defender's held-out slice")
+    best = min(done, key=lambda t: (excess(t, budget), t[metric], *_tiebreak(t)))
+    return best, (f"NO trial stayed within the utility budget (trials that {describe(budget)}); falling back "
+                  f"to the one closest to it ({best['cda_drop'] * 100:.1f} CDA points lost, perplexity "
+                  f"{best['ppl_ratio']:.3f}x, {what} {best[metric]:.3f})")
 
 
-def rank(trials: Sequence[Mapping[str, Any]], max_cda_drop: float) -> list[Mapping[str, Any]]:
+def rank(trials: Sequence[Mapping[str, Any]], budget) -> list[Mapping[str, Any]]:
     """Trials in the order of the blind choice: complete and within budget first, by canary ASR."""
     def key(t):
-        return (not t.get("complete"), not within_budget(t, max_cda_drop), t["canary_asr"], *_tiebreak(t))
+        return (not t.get("complete"), not within_budget(t, budget), t["canary_asr"], *_tiebreak(t))
     return sorted([t for t in trials if "canary_asr" in t], key=key)
 
 
@@ -213,7 +236,7 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def trials_table(trials: Sequence[Mapping[str, Any]], swept: Sequence[str], max_cda_drop: float,
+def trials_table(trials: Sequence[Mapping[str, Any]], swept: Sequence[str], budget,
                  chosen_id: str | None, benchmark: bool) -> str:
     """Markdown: one row per trial in ranked order, the chosen one marked."""
     head = ["trial", *swept, "epochs run", "canary ASR", "CDA", "CDA lost", "PPL ratio"]
@@ -221,7 +244,7 @@ def trials_table(trials: Sequence[Mapping[str, Any]], swept: Sequence[str], max_
         head += ["true ASR", "true CDA"]
     head += ["in budget"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for t in rank(trials, max_cda_drop) + [t for t in trials if "canary_asr" not in t]:
+    for t in rank(trials, budget) + [t for t in trials if "canary_asr" not in t]:
         mark = " **(chosen)**" if t.get("trial_id") == chosen_id else ""
         cells = [f"{t.get('trial_id', '?')}{mark}", *(_fmt(t["point"].get(k)) for k in swept)]
         if "canary_asr" not in t:
@@ -234,7 +257,7 @@ def trials_table(trials: Sequence[Mapping[str, Any]], swept: Sequence[str], max_
         if benchmark:
             cells += [f"{t['true_asr']:.3f}{sd('true_asr')}" if "true_asr" in t else "-",
                       f"{t['true_cda']:.3f}" if "true_cda" in t else "-"]
-        cells += ["yes" if within_budget(t, max_cda_drop) else "no"]
+        cells += ["yes" if within_budget(t, budget) else "no"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -263,7 +286,7 @@ def bench_row(result: Mapping[str, Any]) -> dict[str, Any]:
             "in_budget": result["statement"] is not None and not str(result["statement"]).startswith("NO trial")}
 
 
-def bench_table(rows: Sequence[Mapping[str, Any]], max_cda_drop: float) -> str:
+def bench_table(rows: Sequence[Mapping[str, Any]], budget) -> str:
     """Markdown of the tune bench, with the mean over attacks and the issue's targets."""
     def f(v, p=3):
         return "-" if v is None else f"{v:.{p}f}"
@@ -290,7 +313,7 @@ def bench_table(rows: Sequence[Mapping[str, Any]], max_cda_drop: float) -> str:
                  f"{'-' if not gaps else f'{mean(gaps) * 100:+.1f}'} | {f(mean(rhos))} | |")
     within = sum(1 for g in gaps if g <= 0.03 + 1e-9)
     strong = sum(1 for r in rhos if r >= 0.7)
-    lines += ["", f"Utility budget: at most {max_cda_drop * 100:.1f} CDA points lost on the defender's held-out "
+    lines += ["", f"Utility budget: trials that {describe(budget)} on the defender's held-out "
               "slice, for the blind choice and the hindsight choice alike. Targets: blind true ASR within 3 points "
               f"of hindsight ({within}/{len(gaps)} attacks meet it); Spearman(canary ASR, true ASR) >= 0.7 "
               f"({strong}/{len(rhos)} attacks meet it)."]

@@ -176,6 +176,7 @@ def test_best_yaml_round_trips_into_purify_config(sweep, poisoned_pico, tmp_path
     ({"space": {"rho": [0.1]}, "canaries": {"forms": ["word", "emoji"]}}, ["canaries.forms.1", "'sentence'"]),
     ({"space": {"rho": [0.1]}, "repeats": 0}, ["repeats"]),
     ({"space": {"rho": [0.1], "suppress_scope": ["q"]}}, ["space.suppress_scope='q'", "scope 'mlp'"]),
+    ({"space": {"rho": [0.1]}, "utility": {"max_ppl_ratio": 0.9}}, ["utility.max_ppl_ratio"]),
     # Several problems: all of them in one message.
     ({"space": {"rhoo": [0.1], "rho": [2.0], "recovery.epochs": [0]}, "fixed": {"kk": 1}},
      ["rhoo", "space.rho=2.0", "space.recovery.epochs=0", "fixed.kk", "4 problem(s)"]),
@@ -280,33 +281,78 @@ def test_canary_trigger_forms_take_the_shapes_of_attack_families():
 
 
 def test_blind_choice_respects_the_budget_and_falls_back_loudly():
+    from raypurify.config import UtilityBudget
     from raypurify.tuning import choose, objective, pareto_front
 
-    def t(i, asr, drop, complete=True):
-        return {"trial_id": str(i), "canary_asr": asr, "true_asr": asr, "cda_drop": drop, "complete": complete,
-                "point": {"rho": 0.1}}
+    def t(i, asr, drop, complete=True, ppl=1.0):
+        return {"trial_id": str(i), "canary_asr": asr, "true_asr": asr, "cda_drop": drop, "ppl_ratio": ppl,
+                "complete": complete, "point": {"rho": 0.1}}
 
+    budget = UtilityBudget(max_cda_drop=0.01)
     trials = [t(0, 0.0, 0.05), t(1, 0.3, 0.005), t(2, 0.2, 0.01), t(3, 0.1, 0.0, complete=False)]
-    best, why = choose(trials, 0.01)
+    best, why = choose(trials, budget)
     assert best["trial_id"] == "2" and "3 completed" in why  # 0 is out of budget, 3 was stopped early
-    best, why = choose([t(0, 0.0, 0.05), t(1, 0.1, 0.03)], 0.01)
+    best, why = choose([t(0, 0.0, 0.05), t(1, 0.1, 0.03)], budget)
     assert best["trial_id"] == "1" and why.startswith("NO trial")
-    assert objective(0.2, 0.02, 0.01) > objective(0.9, 0.0, 0.01)  # out of budget never beats in budget
+    # A perplexity limit takes out the trial whose canaries died with a broken model.
+    broken = [t(0, 0.0, 0.005, ppl=1.26), t(1, 0.2, 0.01, ppl=1.05)]
+    assert choose(broken, budget)[0]["trial_id"] == "0"
+    best, why = choose(broken, UtilityBudget(max_cda_drop=0.01, max_ppl_ratio=1.15))
+    assert best["trial_id"] == "1" and "raise perplexity at most 1.15x" in why
+    assert objective(t(0, 0.2, 0.02), budget) > objective(t(1, 0.9, 0.0), budget)  # out of budget never wins
+    ppl_budget = UtilityBudget(max_cda_drop=0.01, max_ppl_ratio=1.15)
+    assert objective(broken[0], ppl_budget) > objective(t(1, 0.9, 0.0), ppl_budget)
     assert pareto_front([(0.9, 0.5), (0.8, 0.1), (0.85, 0.6), (0.95, 0.9)]) == [1, 0, 3]
 
 
 def test_repeats_of_a_trial_report_means_and_the_objective_of_the_means():
+    from raypurify.config import UtilityBudget
     from raypurify.distributed.tune import _mean
     from raypurify.tuning import objective
 
-    runs = [{"canary_asr": 0.2, "canary0_asr": 0.2, "cda_drop": 0.0, "true_asr": 0.9, "objective": 0.2},
-            {"canary_asr": 0.6, "canary0_asr": 0.6, "cda_drop": 0.04, "true_asr": 0.1, "objective": 1.6}]
-    m = _mean(runs, {"max_cda_drop": 0.03})
+    runs = [{"canary_asr": 0.2, "canary0_asr": 0.2, "cda_drop": 0.0, "ppl_ratio": 1.0, "true_asr": 0.9,
+             "objective": 0.2},
+            {"canary_asr": 0.6, "canary0_asr": 0.6, "cda_drop": 0.04, "ppl_ratio": 1.1, "true_asr": 0.1,
+             "objective": 1.6}]
+    shared = {"budget": UtilityBudget(max_cda_drop=0.03)}
+    m = _mean(runs, shared)
     assert m["canary_asr"] == pytest.approx(0.4) and m["true_asr"] == pytest.approx(0.5)
     assert m["true_asr_sd"] == pytest.approx(0.5657, abs=1e-4) and m["canary0_asr"] == pytest.approx(0.4)
     # Judged on the mean CDA drop (0.02, within 0.03), not averaged from the runs' objectives.
-    assert m["objective"] == objective(0.4, 0.02, 0.03) == pytest.approx(0.4)
-    assert _mean(runs[:1], {"max_cda_drop": 0.03}) == runs[0]
+    assert m["objective"] == objective(m, shared["budget"]) == pytest.approx(0.4)
+    assert _mean(runs[:1], shared) == runs[0]
+
+
+def test_a_finished_sweep_is_chosen_again_under_another_budget(sweep, tmp_path):
+    from raypurify.distributed.tune import decide, load_sweep
+    from raypurify.errors import RaypurifyError
+
+    res, out, space = sweep
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    done = [t for t in res["trials"] if t["complete"]]
+    # The lowest perplexity ratio of the sweep as the limit: only the trials at it stay in.
+    limit = max(1.0, min(t["ppl_ratio"] for t in done))
+    tight = build(ImmunizeSpace, {**PICO_SPACE, "utility": {**PICO_SPACE["utility"], "max_ppl_ratio": limit}})
+    again = load_sweep(str(out), tight)
+    decide(again, tight, tmp_path)
+    ok = [t for t in done if t["cda_drop"] <= 0.05 + 1e-9 and t["ppl_ratio"] <= limit + 1e-9]
+    if ok:
+        assert again["chosen"]["canary_asr"] == min(t["canary_asr"] for t in ok)
+        assert again["chosen"]["ppl_ratio"] <= limit + 1e-9 and (tmp_path / "best.yaml").is_file()
+    else:
+        assert again["statement"].startswith("NO trial")
+    assert again["budget"]["max_ppl_ratio"] == limit
+    assert (tmp_path / "trials.md").read_text().startswith("Re-chosen from the stored trials of")
+    # The same budget gives the same choice; the finished sweep is left as it was.
+    same = load_sweep(str(out), space)
+    decide(same, space, tmp_path)
+    assert same["chosen"]["trial_id"] == res["chosen"]["trial_id"]
+    assert before == {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    other = build(ImmunizeSpace, {**PICO_SPACE, "space": {"rho": [0.1, 0.3]}, "fixed": {**PICO_SPACE["fixed"], "k": 3}})
+    with pytest.raises(RaypurifyError, match=r"cannot re-choose.*swept \['k', 'recovery.epochs', 'rho'\]"):
+        load_sweep(str(out), other)
+    with pytest.raises(RaypurifyError, match="not the trials.json of a raypurify sweep"):
+        load_sweep(str(tmp_path / "nothing"), space)
 
 
 def test_defender_split_is_disjoint_and_epochs_end_on_the_last_step():

@@ -85,7 +85,7 @@ def test_choice_is_the_blind_rule_and_outputs_are_written(sweep):
     # The table lists the trials in the order of the blind choice.
     rows = [line.split(" | ")[0].removeprefix("| ").split(" ")[0] for line in md.splitlines()
             if line.startswith("| ") and not line.startswith("| trial")]
-    assert rows == [t["trial_id"] for t in rank(trials, space.utility.max_cda_drop)]
+    assert rows == [t["trial_id"] for t in rank(trials, space.utility)]
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "ray_tune" / "conflict").is_dir()
     assert json.loads((out / "trials.json").read_text())["chosen"]["trial_id"] == chosen["trial_id"]

@@ -374,7 +374,7 @@ def prepare_sweep(model_dir: str, adapter: str | None, pool: list, space, work: 
     shared = {"model": model_dir, "adapter": adapter, "heldout": held_r, "rest": _records(rest),
               "canaries": canaries, "canary_dirs": canary_dirs, "terms": terms, "fixed": space.fixed,
               "baseline": {"cda": susp["cda"], "ppl": susp["ppl"]}, "bench": bench,
-              "max_cda_drop": space.utility.max_cda_drop, "repeats": space.repeats}
+              "budget": space.utility, "repeats": space.repeats}
     return {"shared": shared, "run": run, "suspicious": susp, "canaries": canary_records, "seed": base.seed,
             "max_epochs": max(space.values("recovery.epochs"))}
 
@@ -463,7 +463,7 @@ def prepare_conflict_sweep(model_dir: str, adapter: str | None, pool: list, spac
                           f"{run['conflict_finetunes']} conflict LoRA(s) in 1 more; each trial only merges")
     shared = {"model": model_dir, "adapter": adapter, "heldout": held_r, "canaries": canaries,
               "targets": targets, "fixed": space.fixed, "baseline": {"cda": susp["cda"], "ppl": susp["ppl"]},
-              "bench": bench, "max_cda_drop": space.utility.max_cda_drop}
+              "bench": bench, "budget": space.utility}
     return {"shared": shared, "run": run, "suspicious": susp, "canaries": canary_records, "seed": cfg.seed,
             "max_epochs": 1}
 
@@ -525,7 +525,7 @@ def _measure(models: list, shared: dict) -> dict:
     m["canary_asr"] = sum(m[f"canary{s.index}_asr"] for s in shared["canaries"]) / len(shared["canaries"])
     m["cda_drop"] = shared["baseline"]["cda"] - m["cda"]
     m["ppl_ratio"] = m["ppl"] / shared["baseline"]["ppl"]
-    m["objective"] = objective(m["canary_asr"], m["cda_drop"], shared["max_cda_drop"])
+    m["objective"] = objective(m, shared["budget"])
     if shared["bench"]:
         m.update(_true(model, tok, shared["bench"]))
     return m
@@ -589,7 +589,7 @@ def _mean(measured: list[dict], shared: dict) -> dict:
         return measured[0]
     m = {k: statistics.mean(x[k] for x in measured) for k in measured[0]}
     m.update({f"{k}_sd": statistics.stdev(x[k] for x in measured) for k in ("canary_asr", "true_asr") if k in m})
-    m["objective"] = objective(m["canary_asr"], m["cda_drop"], shared["max_cda_drop"])
+    m["objective"] = objective(m, shared["budget"])
     return m
 
 
@@ -634,7 +634,7 @@ def _combined_trial(config: dict, shared: dict) -> None:
         _purify_and_report(cfg.immunize, _merged(cfg.conflict, shared, Path(tmp)), shared, config["every_epoch"])
 
 
-def pareto_plot(trials: list[dict], suspicious: dict, budget: float, chosen: dict | None, path: Path,
+def pareto_plot(trials: list[dict], suspicious: dict, budget, chosen: dict | None, path: Path,
                 benchmark: bool, title: str = "Immunization sweep") -> None:
     """``pareto.png``: attack success against utility, one point per trial."""
     import matplotlib
@@ -653,7 +653,8 @@ def pareto_plot(trials: list[dict], suspicious: dict, budget: float, chosen: dic
     if benchmark:
         ax.scatter([t["cda"] for t in done], [t["true_asr"] for t in done], marker="^", c="tab:red",
                    label="true ASR (benchmark)", zorder=3)
-    ax.axvline(suspicious["cda"] - budget, ls="--", c="gray", label=f"utility budget (-{budget * 100:.1f} CDA pts)")
+    ax.axvline(suspicious["cda"] - budget.max_cda_drop, ls="--", c="gray",
+               label=f"utility budget (-{budget.max_cda_drop * 100:.1f} CDA pts)")
     ax.scatter([suspicious["cda"]], [suspicious.get("true_asr", 1.0) if benchmark else 1.0], marker="x", c="black",
                label="suspicious model" + ("" if benchmark else " (ASR unknown: drawn at 1)"))
     if chosen:
@@ -789,7 +790,7 @@ def _run_sweep(kind: str, space, prepare, trial, model_dir: str, adapter: str | 
     from ray.tune.schedulers import ASHAScheduler
 
     from raypurify.errors import RaypurifyError
-    from raypurify.tuning import choose, flat, nested, spearman_of, trials_table
+    from raypurify.tuning import flat, nested
 
     benchmark = objective == "benchmark"
     if objective not in ("blind", "benchmark"):
@@ -847,52 +848,123 @@ def _run_sweep(kind: str, space, prepare, trial, model_dir: str, adapter: str | 
             wall = [round(m["timestamp"] - m["time_total_s"], 2), round(float(m["timestamp"]), 2)]
             trials.append({"point": point, **keep, "epochs_run": m["epoch"], "complete": m["epoch"] == m["epochs"],
                            "wall": wall})
-        budget = space.utility.max_cda_drop
-        chosen, statement = choose(trials, budget)
-        hindsight, hindsight_statement = choose(trials, budget, metric="true_asr") if benchmark else (None, None)
-        done = [t for t in trials if t.get("complete")]
-        rho_s = spearman_of([t["canary_asr"] for t in done], [t["true_asr"] for t in done]) if benchmark else None
-        base = space.base()
         result = {"kind": kind, "objective": objective, "attack": attack, "behavior": behavior,
                   "model": str(Path(model_dir).absolute()), "adapter": str(Path(adapter).absolute()) if adapter else None,
-                  "budget": {"max_cda_drop": budget, "heldout": space.utility.heldout},
                   "suspicious": prep["suspicious"], "canaries": prep["canaries"], "trials": trials,
-                  "chosen": chosen, "statement": statement, "hindsight": hindsight,
-                  "hindsight_statement": hindsight_statement, "spearman_canary_true": rho_s,
-                  "asha": use_asha, "search": space.search, "repeats": space.repeats, "run": prep["run"]}
+                  "asha": use_asha, "search": space.search, "repeats": space.repeats, "run": prep["run"],
+                  "space": space.model_dump(mode="json")}
         result["run"]["timings_s"]["total"] = round(time.time() - started, 2)
-        swept = list(space.space)
-        susp = prep["suspicious"]
-        head = [f"Suspicious model on the defender's held-out slice ({space.utility.heldout} samples): CDA "
-                f"{susp['cda']:.3f}, PPL {susp['ppl']:.3f}"
-                + (f"; true ASR {susp['true_asr']:.3f}, true CDA {susp['true_cda']:.3f}" if benchmark else "") + ".",
-                "Canaries (ASR before purification / on the suspicious model): "
-                + "; ".join(f"{c['kind']} {c['trigger']!r} {c['asr_before']:.3f} / {c['asr_on_suspicious']:.3f}"
-                            + (" (WEAK)" if c["weak"] else "") for c in prep["canaries"]) + ".",
-                f"Shared work: {prep['run']['shared_work']}."
-                + (f" Each trial ran {space.repeats} times (seeds of re-draw and recovery order); its figures are "
-                   "the means, ± the sd of the attack rates." if space.repeats > 1 else ""), ""]
-        if chosen:
-            head.append(f"**Choice: trial {chosen['trial_id']}** ({', '.join(f'{k}={v}' for k, v in chosen['point'].items())})"
-                        f": {statement}.")
-        else:
-            head.append(f"**No choice**: {statement}.")
-        if benchmark and hindsight:
-            head.append(f"Best in hindsight (true ASR, same budget): trial {hindsight['trial_id']}, true ASR "
-                        f"{hindsight['true_asr']:.3f}, true CDA {hindsight['true_cda']:.3f}; blind choice: true ASR "
-                        f"{chosen['true_asr']:.3f}, true CDA {chosen['true_cda']:.3f}. Spearman(canary ASR, true ASR) "
-                        f"over {len(done)} completed trials: "
-                        + ("n/a" if rho_s is None else f"{rho_s:.3f}") + ".")
-        text = "\n".join(head) + "\n\n" + trials_table(trials, swept, budget, chosen and chosen["trial_id"], benchmark)
-        (tmp / "trials.md").write_text(text)
-        (tmp / "trials.json").write_text(json.dumps(result, indent=1, default=str))
-        if chosen:
-            cfg = type(base).model_validate(_point_update(base.model_dump(mode="json"), chosen["point"]))
-            for name, body in _best_files(kind, cfg, statement, chosen, space.utility.heldout).items():
-                (tmp / name).write_text(body)
-        pareto_plot(trials, susp, budget, chosen, tmp / "pareto.png", benchmark, title=f"{kind.capitalize()} sweep")
+        text = decide(result, space, tmp)
         shutil.rmtree(work, ignore_errors=True)
     print(text)
+    return result
+
+
+def decide(result: dict, space, out: Path) -> str:
+    """The blind choice (and, on the bench, the hindsight one) under the space's budget, and the outputs.
+
+    Fills ``result`` with the choice, the budget and the correlation, and
+    writes ``trials.json``, ``trials.md``, ``best.yaml`` and ``pareto.png``
+    into ``out``. Shared by a sweep and by a re-choice (``load_sweep``).
+
+    Returns:
+        The text of ``trials.md``.
+    """
+    from raypurify.tuning import choose, spearman_of, trials_table
+
+    budget, kind, trials = space.utility, result["kind"], result["trials"]
+    benchmark = result["objective"] == "benchmark"
+    chosen, statement = choose(trials, budget)
+    hindsight, hindsight_statement = choose(trials, budget, metric="true_asr") if benchmark else (None, None)
+    done = [t for t in trials if t.get("complete")]
+    rho_s = spearman_of([t["canary_asr"] for t in done], [t["true_asr"] for t in done]) if benchmark else None
+    result.update({"budget": budget.model_dump(), "chosen": chosen, "statement": statement, "hindsight": hindsight,
+                   "hindsight_statement": hindsight_statement, "spearman_canary_true": rho_s})
+    susp = result["suspicious"]
+    head = [f"Suspicious model on the defender's held-out slice ({budget.heldout} samples): CDA "
+            f"{susp['cda']:.3f}, PPL {susp['ppl']:.3f}"
+            + (f"; true ASR {susp['true_asr']:.3f}, true CDA {susp['true_cda']:.3f}" if benchmark else "") + ".",
+            "Canaries (ASR before purification / on the suspicious model): "
+            + "; ".join(f"{c['kind']} {c['trigger']!r} {c['asr_before']:.3f} / {c['asr_on_suspicious']:.3f}"
+                        + (" (WEAK)" if c["weak"] else "") for c in result["canaries"]) + ".",
+            f"Shared work: {result['run']['shared_work']}."
+            + (f" Each trial ran {result['repeats']} times (seeds of re-draw and recovery order); its figures are "
+               "the means, ± the sd of the attack rates." if result.get("repeats", 1) > 1 else ""), ""]
+    if result.get("rechosen_from"):
+        head.insert(0, f"Re-chosen from the stored trials of {result['rechosen_from']} (no trial re-run).")
+    if chosen:
+        head.append(f"**Choice: trial {chosen['trial_id']}** ({', '.join(f'{k}={v}' for k, v in chosen['point'].items())})"
+                    f": {statement}.")
+    else:
+        head.append(f"**No choice**: {statement}.")
+    if benchmark and hindsight:
+        head.append(f"Best in hindsight (true ASR, same budget): trial {hindsight['trial_id']}, true ASR "
+                    f"{hindsight['true_asr']:.3f}, true CDA {hindsight['true_cda']:.3f}; blind choice: true ASR "
+                    f"{chosen['true_asr']:.3f}, true CDA {chosen['true_cda']:.3f}. Spearman(canary ASR, true ASR) "
+                    f"over {len(done)} completed trials: "
+                    + ("n/a" if rho_s is None else f"{rho_s:.3f}") + ".")
+    text = "\n".join(head) + "\n\n" + trials_table(trials, list(space.space), budget, chosen and chosen["trial_id"],
+                                                    benchmark)
+    (out / "trials.md").write_text(text)
+    (out / "trials.json").write_text(json.dumps(result, indent=1, default=str))
+    if chosen:
+        base = space.base()
+        cfg = type(base).model_validate(_point_update(base.model_dump(mode="json"), chosen["point"]))
+        for name, body in _best_files(kind, cfg, statement, chosen, budget.heldout).items():
+            (out / name).write_text(body)
+    pareto_plot(trials, susp, budget, chosen, out / "pareto.png", benchmark, title=f"{kind.capitalize()} sweep")
+    return text
+
+
+def load_sweep(src: str, space) -> dict:
+    """The stored result of a finished sweep, checked against the space it is to be re-decided with.
+
+    The choice is a pure function of the stored trial records, so a defender
+    who changes the budget after a sweep (a perplexity limit, another CDA
+    allowance) gets the new choice from ``decide(load_sweep(src, space),
+    space, out)`` in seconds, without re-running a trial.
+
+    Args:
+        src: The output directory of an earlier sweep (its ``trials.json``).
+        space: The search space it ran (validated; its ``utility`` is the new budget).
+
+    Raises:
+        RaypurifyError: ``src`` holds no sweep, or one of another kind, swept
+            keys or held-out slice than ``space``.
+    """
+    from raypurify.errors import RaypurifyError
+    from raypurify.tuning import objective
+
+    path = Path(src) / "trials.json"
+    try:
+        result = json.loads(path.read_text())
+        trials = result["trials"]
+        swept = {k for t in trials for k in t["point"]}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise RaypurifyError(f"{path}: not the trials.json of a raypurify sweep ({type(e).__name__}: {e})") from None
+    problems = []
+    if result.get("kind") != space.kind:
+        problems.append(f"its kind is {result.get('kind')!r}, the space's {space.kind!r}")
+    if swept != set(space.space):
+        problems.append(f"it swept {sorted(swept)}, the space sweeps {sorted(space.space)}")
+    if result.get("repeats", 1) != space.repeats:
+        problems.append(f"its trials ran {result.get('repeats', 1)} time(s) each, the space's {space.repeats}")
+    # Sweeps since the re-choice existed store their space: all of it but the
+    # budget must match (older ones are checked on the fields above only).
+    stored = {k: v for k, v in result.get("space", {}).items() if k != "utility"}
+    given = space.model_dump(mode="json")
+    problems += [f"its space's {k!r} was {v!r}, this space's is {given.get(k)!r}" for k, v in stored.items()
+                 if given.get(k) != v]
+    held = (result.get("budget") or {}).get("heldout")
+    if held != space.utility.heldout:
+        problems.append(f"its held-out slice had {held} samples, the space asks {space.utility.heldout} "
+                        "(utility would not be comparable)")
+    if problems:
+        raise RaypurifyError(f"{src}: cannot re-choose this sweep with this space: " + "; ".join(problems))
+    result["rechosen_from"] = str(Path(src).absolute())
+    for t in trials:
+        if "canary_asr" in t:
+            t["objective"] = objective(t, space.utility)  # what Tune would have minimized under this budget
     return result
 
 

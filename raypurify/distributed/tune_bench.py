@@ -18,7 +18,7 @@ from typing import Sequence
 
 from raypurify.config import AttackConfig, ImmunizeSpace, build
 from raypurify.distributed.bench import init_ray, suspicious_model
-from raypurify.distributed.tune import tune_immunize
+from raypurify.distributed.tune import decide, load_sweep, tune_immunize
 from raypurify.io import load_examples, output_dir
 from raypurify.progress import log
 from raypurify.tuning import bench_row, bench_table
@@ -61,7 +61,45 @@ def run_tune_bench(zoo: str, out: str, space: ImmunizeSpace, attacks: Sequence[s
                 f"({space.search}, {', '.join(str(r['n_trials']) for r in rows)} completed trials per attack); "
                 f"{space.canaries.n} canaries ({', '.join(space.canaries.kinds)}); held-out slice "
                 f"{space.utility.heldout}; wall time {time.time() - started:.0f}s.\n\n")
-        text += bench_table(rows, space.utility.max_cda_drop)
+        text += bench_table(rows, space.utility)
+        (tmp / "tune_bench.md").write_text(text)
+    print(text)
+    return rows
+
+
+def rechoose_tune_bench(srcs: Sequence[str], out: str, space: ImmunizeSpace, overwrite: bool = False) -> list[dict]:
+    """The tune bench's choices made again from finished runs under ``space``'s utility budget (no trial re-run).
+
+    Args:
+        srcs: Output directories of earlier tune-bench runs of ``space``'s
+            trials (their cells are gathered, in order, into one table).
+        out: New report directory (same layout as ``run_tune_bench``).
+        space: The search space they ran, with the budget to choose under.
+
+    Returns:
+        One ``bench_row`` per cell.
+    """
+    from raypurify.errors import RaypurifyError
+
+    cells = []
+    for src in srcs:
+        dirs = sorted(d for d in Path(src).iterdir() if (d / "trials.json").is_file()) if Path(src).is_dir() else []
+        if not dirs:
+            raise RaypurifyError(f"{src}: no tune-bench cell here (a directory with <attack>-<behavior>-<mode>/trials.json)")
+        order = [f"{r['attack']}-{r['behavior']}-" for r in json.loads((Path(src) / "tune_bench.json").read_text())] \
+            if (Path(src) / "tune_bench.json").is_file() else []
+        dirs.sort(key=lambda d: next((i for i, o in enumerate(order) if d.name.startswith(o)), len(order)))
+        cells += [(d, load_sweep(str(d), space)) for d in dirs]  # every cell checked before anything is written
+    rows = []
+    with output_dir(out, overwrite=overwrite) as tmp:
+        for d, result in cells:
+            (tmp / d.name).mkdir()
+            decide(result, space, tmp / d.name)
+            rows.append(bench_row(result))
+        text = (f"Re-chosen from the stored trials of {', '.join(map(str, srcs))} (no trial re-run); "
+                f"{', '.join(str(r['n_trials']) for r in rows)} completed trials per attack.\n\n"
+                + bench_table(rows, space.utility))
+        (tmp / "tune_bench.json").write_text(json.dumps(rows, indent=1))
         (tmp / "tune_bench.md").write_text(text)
     print(text)
     return rows
