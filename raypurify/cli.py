@@ -174,6 +174,15 @@ def cmd_tune(args) -> None:
 
     # The file's `kind` picks the sweep: immunize (the default), conflict or combined.
     space = load_space(args.space)
+    if args.rechoose:
+        from raypurify.distributed.tune import rechoose
+
+        r = rechoose(args.rechoose, space, args.out, overwrite=args.overwrite)
+        print(f"chosen: {r['statement']}" + (f"; written to {Path(args.out) / 'best.yaml'}" if r["chosen"] else ""))
+        return
+    if not (args.model and args.clean_data):
+        raise RaypurifyError("tune needs --model and --clean-data (or --rechoose DIR to choose again from a "
+                             "finished sweep)")
     if args.objective == "benchmark" and not (args.attack and args.behavior):
         raise RaypurifyError("--objective benchmark measures the real backdoor: pass --attack and --behavior")
     check_model_dir(args.model)
@@ -341,15 +350,17 @@ def parser() -> argparse.ArgumentParser:
                                     "and choose blind (canary backdoors)")
     s.add_argument("--space", required=True, help="search space YAML; its `kind` (immunize, conflict, combined: "
                                                   "raypurify list spaces) picks the sweep (see tune_spaces/)")
-    s.add_argument("--model", required=True, help="suspicious model directory (the base, with --adapter)")
+    s.add_argument("--model", help="suspicious model directory (the base, with --adapter)")
     s.add_argument("--adapter", help="suspicious PEFT adapter (adapter-only threat model)")
-    s.add_argument("--clean-data", required=True, help="the defender's clean data (a held-out slice is split off)")
+    s.add_argument("--clean-data", help="the defender's clean data (a held-out slice is split off)")
     s.add_argument("--objective", choices=["blind", "benchmark"], default="blind",
                    help="blind: canary ASR + utility only; benchmark: also the true ASR (needs --attack/--behavior)")
     s.add_argument("--attack", choices=list(ATTACKS), help="benchmark: the real trigger")
     s.add_argument("--behavior", choices=list(BEHAVIORS), help="benchmark: the real behavior")
     s.add_argument("--heldout", help="benchmark: held-out JSON with references (default: the zoo's heldout.json)")
     s.add_argument("--out", required=True, help="output: best.yaml, trials.json/.md, pareto.png, ray_tune/")
+    s.add_argument("--rechoose", metavar="DIR", help="choose again from the finished sweep in DIR under --space's "
+                                                   "utility budget (no trial re-run; --model/--clean-data not needed)")
     s.add_argument("--address", help="Ray cluster address (default: an embedded local Ray)")
     s.add_argument("--overwrite", action="store_true", help="replace an earlier raypurify output at --out")
     s.set_defaults(fn=cmd_tune)

@@ -6,9 +6,10 @@ itself, so their trigger is known) with the same signature and recovery,
 then reports canary ASR and utility on the defender's own clean held-out
 slice. The choice is the lowest canary ASR among the trials within the
 utility budget (``UtilityBudget``: at most ``max_cda_drop`` of CDA lost and,
-if set, perplexity at most ``max_ppl_ratio`` times the suspicious model's). On the bench, where the real attack is known,
-the same trials also carry the true ASR, and the blind choice is compared
-with the best choice in hindsight.
+if set, perplexity at most ``max_ppl_ratio`` times the suspicious model's).
+On the bench, where the real attack is known, the same trials also carry
+the true ASR, and the blind choice is compared with the best choice in
+hindsight.
 
 Pure Python (plus torch for the rank correlation): no Ray, no files. The
 Ray layer (``raypurify/distributed/tune.py``) feeds it trial records: dicts

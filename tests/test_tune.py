@@ -323,7 +323,10 @@ def test_repeats_of_a_trial_report_means_and_the_objective_of_the_means():
     assert _mean(runs[:1], shared) == runs[0]
 
 
-def test_a_finished_sweep_is_chosen_again_under_another_budget(sweep, tmp_path):
+def test_a_finished_sweep_is_chosen_again_under_another_budget(sweep, tmp_path, capsys):
+    import yaml
+
+    from raypurify.cli import main
     from raypurify.distributed.tune import decide, load_sweep
     from raypurify.errors import RaypurifyError
 
@@ -332,17 +335,19 @@ def test_a_finished_sweep_is_chosen_again_under_another_budget(sweep, tmp_path):
     done = [t for t in res["trials"] if t["complete"]]
     # The lowest perplexity ratio of the sweep as the limit: only the trials at it stay in.
     limit = max(1.0, min(t["ppl_ratio"] for t in done))
-    tight = build(ImmunizeSpace, {**PICO_SPACE, "utility": {**PICO_SPACE["utility"], "max_ppl_ratio": limit}})
-    again = load_sweep(str(out), tight)
-    decide(again, tight, tmp_path)
+    tight = tmp_path / "tight.yaml"
+    tight.write_text(yaml.safe_dump({**PICO_SPACE, "utility": {**PICO_SPACE["utility"], "max_ppl_ratio": limit}}))
+    rc = main(["tune", "--space", str(tight), "--rechoose", str(out), "--out", str(tmp_path / "again")])
+    assert rc == 0 and "chosen: " in capsys.readouterr().out
+    again = json.loads((tmp_path / "again" / "trials.json").read_text())
     ok = [t for t in done if t["cda_drop"] <= 0.05 + 1e-9 and t["ppl_ratio"] <= limit + 1e-9]
     if ok:
         assert again["chosen"]["canary_asr"] == min(t["canary_asr"] for t in ok)
-        assert again["chosen"]["ppl_ratio"] <= limit + 1e-9 and (tmp_path / "best.yaml").is_file()
+        assert again["chosen"]["ppl_ratio"] <= limit + 1e-9 and (tmp_path / "again" / "best.yaml").is_file()
     else:
         assert again["statement"].startswith("NO trial")
     assert again["budget"]["max_ppl_ratio"] == limit
-    assert (tmp_path / "trials.md").read_text().startswith("Re-chosen from the stored trials of")
+    assert (tmp_path / "again" / "trials.md").read_text().startswith("Re-chosen from the stored trials of")
     # The same budget gives the same choice; the finished sweep is left as it was.
     same = load_sweep(str(out), space)
     decide(same, space, tmp_path)
@@ -353,6 +358,8 @@ def test_a_finished_sweep_is_chosen_again_under_another_budget(sweep, tmp_path):
         load_sweep(str(out), other)
     with pytest.raises(RaypurifyError, match="not the trials.json of a raypurify sweep"):
         load_sweep(str(tmp_path / "nothing"), space)
+    rc = main(["tune", "--space", str(tight), "--out", str(tmp_path / "x")])
+    assert rc == 2 and "--model and --clean-data" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
 def test_defender_split_is_disjoint_and_epochs_end_on_the_last_step():

@@ -921,16 +921,17 @@ def load_sweep(src: str, space) -> dict:
 
     The choice is a pure function of the stored trial records, so a defender
     who changes the budget after a sweep (a perplexity limit, another CDA
-    allowance) gets the new choice from ``decide(load_sweep(src, space),
-    space, out)`` in seconds, without re-running a trial.
+    allowance) gets the new choice in seconds, without re-running a trial
+    (``rechoose``; ``raypurify tune --rechoose``).
 
     Args:
         src: The output directory of an earlier sweep (its ``trials.json``).
         space: The search space it ran (validated; its ``utility`` is the new budget).
 
     Raises:
-        RaypurifyError: ``src`` holds no sweep, or one of another kind, swept
-            keys or held-out slice than ``space``.
+        RaypurifyError: ``src`` holds no sweep, or a sweep of another space
+            (kind, swept keys, repeats, held-out slice; for sweeps that
+            stored theirs, every field but the budget).
     """
     from raypurify.errors import RaypurifyError
     from raypurify.tuning import objective
@@ -965,6 +966,15 @@ def load_sweep(src: str, space) -> dict:
     for t in trials:
         if "canary_asr" in t:
             t["objective"] = objective(t, space.utility)  # what Tune would have minimized under this budget
+    return result
+
+
+def rechoose(src: str, space, out: str, overwrite: bool = False) -> dict:
+    """``raypurify tune --rechoose``: a finished sweep's choice made again under ``space``'s budget, into ``out``."""
+    result = load_sweep(src, space)
+    with output_dir(out, overwrite=overwrite) as tmp:
+        text = decide(result, space, tmp)
+    print(text)
     return result
 
 

@@ -86,8 +86,10 @@ def rechoose_tune_bench(srcs: Sequence[str], out: str, space: ImmunizeSpace, ove
         dirs = sorted(d for d in Path(src).iterdir() if (d / "trials.json").is_file()) if Path(src).is_dir() else []
         if not dirs:
             raise RaypurifyError(f"{src}: no tune-bench cell here (a directory with <attack>-<behavior>-<mode>/trials.json)")
-        order = [f"{r['attack']}-{r['behavior']}-" for r in json.loads((Path(src) / "tune_bench.json").read_text())] \
-            if (Path(src) / "tune_bench.json").is_file() else []
+        try:  # the run's own cell order; by name where its table is missing or unreadable
+            order = [f"{r['attack']}-{r['behavior']}-" for r in json.loads((Path(src) / "tune_bench.json").read_text())]
+        except (OSError, ValueError, KeyError, TypeError):
+            order = []
         dirs.sort(key=lambda d: next((i for i, o in enumerate(order) if d.name.startswith(o)), len(order)))
         cells += [(d, load_sweep(str(d), space)) for d in dirs]  # every cell checked before anything is written
     rows = []
