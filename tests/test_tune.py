@@ -360,6 +360,19 @@ def test_a_finished_sweep_is_chosen_again_under_another_budget(sweep, tmp_path, 
         load_sweep(str(tmp_path / "nothing"), space)
     rc = main(["tune", "--space", str(tight), "--out", str(tmp_path / "x")])
     assert rc == 2 and "--model and --clean-data" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    # The tune bench's re-choice gathers finished runs' cells into one table.
+    import shutil
+
+    from raypurify.distributed.tune_bench import rechoose_tune_bench
+
+    run = tmp_path / "bench-run"
+    shutil.copytree(out, run / "badnets-sentiment-full", ignore=shutil.ignore_patterns("ray_tune"))
+    rows = rechoose_tune_bench([str(run)], str(tmp_path / "bench-again"), space)
+    assert [r["blind"]["trial_id"] for r in rows] == [res["chosen"]["trial_id"]]
+    assert "| badnets |" in (tmp_path / "bench-again" / "tune_bench.md").read_text()
+    with pytest.raises(RaypurifyError, match="the same cell in several runs"):
+        rechoose_tune_bench([str(run), str(run)], str(tmp_path / "dup"), space)
+    assert not (tmp_path / "dup").exists()
 
 
 def test_defender_split_is_disjoint_and_epochs_end_on_the_last_step():

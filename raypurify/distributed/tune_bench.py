@@ -92,6 +92,10 @@ def rechoose_tune_bench(srcs: Sequence[str], out: str, space: ImmunizeSpace, ove
             order = []
         dirs.sort(key=lambda d: next((i for i, o in enumerate(order) if d.name.startswith(o)), len(order)))
         cells += [(d, load_sweep(str(d), space)) for d in dirs]  # every cell checked before anything is written
+    names = [d.name for d, _ in cells]
+    if len(set(names)) < len(names):
+        raise RaypurifyError(f"the same cell in several runs: {sorted({n for n in names if names.count(n) > 1})}; "
+                             "name each cell once")
     rows = []
     with output_dir(out, overwrite=overwrite) as tmp:
         for d, result in cells:
