@@ -9,9 +9,10 @@ response is unknown to the defender, but a fine-tuned backdoor can leave it
 memorized: fed any first token after ordinary prompts, the suspicious model
 continues with the implanted text, with high probability and the same
 continuation on every prompt (bench: BadNets and MTBA; not the prefix
-triggers, whose response needs the trigger). This is the causal-expectation search of BAIT (Shen et al., "BAIT:
-Large Language Model Backdoor Scanning by Inverting Attack Target", S&P
-2025), written here because no maintained library ships it: for every
+triggers, whose response needs the trigger). This is the
+causal-expectation search of BAIT (Shen et al., "BAIT: Large Language Model
+Backdoor Scanning by Inverting Attack Target", S&P 2025), written here
+because no maintained library ships it: for every
 candidate first token, grow one continuation greedily from the next-token
 distribution averaged over the prompts; the candidate whose continuation is
 most probable on average is the inverted target.
