@@ -87,7 +87,7 @@ def test_sweep_trains_variants_once_for_the_largest_k_and_ranks_trials(sweep):
     assert {(t["point"]["rho"], t["point"]["k"]) for t in trials} == {(0.1, 2), (0.1, 3), (0.3, 2), (0.3, 3)}
     # Two trials at a time: some spans overlap, never three at once.
     spans = [t["wall"] for t in trials]
-    overlaps = lambda a, b: a[0] < b[1] - 0.5 and b[0] < a[1] - 0.5  # noqa: E731  (timestamps are whole seconds)
+    overlaps = lambda a, b: a[0] < b[1] - 0.05 and b[0] < a[1] - 0.05  # noqa: E731
     assert any(overlaps(a, b) for i, a in enumerate(spans) for b in spans[i + 1:])
     for t in trials:
         assert 0 <= t["canary_asr"] <= 1 and "true_asr" in t and t["n_suppressed"] > 0

@@ -65,7 +65,7 @@ def test_conflict_loras_are_trained_once_and_trials_only_merge(sweep):
     assert len({ref["ppl"], moved["linear"], moved["ties"]}) == 3
     # Two trials at a time: some spans overlap, never three at once.
     spans = [t["wall"] for t in trials]
-    overlaps = lambda a, b: a[0] < b[1] - 0.5 and b[0] < a[1] - 0.5  # noqa: E731  (timestamps are whole seconds)
+    overlaps = lambda a, b: a[0] < b[1] - 0.05 and b[0] < a[1] - 0.05  # noqa: E731
     assert any(overlaps(a, b) for i, a in enumerate(spans) for b in spans[i + 1:])
     assert not any(overlaps(a, b) and overlaps(a, c) and overlaps(b, c)
                    for i, a in enumerate(spans) for j, b in enumerate(spans[i + 1:], i + 1) for c in spans[j + 1:])

@@ -575,8 +575,16 @@ def _purify_and_report(cfg, starts: list, shared: dict, every_epoch: bool) -> No
         if not every_epoch and epoch < len(ends):
             continue
         m = _mean([_measure([(model, tok) for model, tok, _ in runs], shared) for runs in repeats], shared)
-        tune.report({"epoch": epoch, "epochs": cfg.recovery.epochs,
-                     "n_suppressed": int(sum(s.numel() for s in sig)), **m})
+        _report({"epoch": epoch, "epochs": cfg.recovery.epochs, "n_suppressed": int(sum(s.numel() for s in sig)), **m})
+
+
+def _report(metrics: dict) -> None:
+    """Reports a trial's metrics with the time they were taken.
+
+    Ray's own ``timestamp`` is whole seconds, too coarse to tell which short
+    trials ran side by side; ``ended`` minus ``time_total_s`` is the span.
+    """
+    tune.report({**metrics, "ended": time.time()})
 
 
 def _mean(measured: list[dict], shared: dict) -> dict:
@@ -618,7 +626,7 @@ def _conflict_trial(config: dict, shared: dict) -> None:
     cfg = ConflictConfig.model_validate(merge(shared["fixed"], config["point"]))
     with tempfile.TemporaryDirectory(prefix="rp-tune-merge-") as tmp:
         m = _measure([_load(*s) for s in _merged(cfg, shared, Path(tmp))], shared)
-    tune.report({"epoch": 1, "epochs": 1, **m})
+    _report({"epoch": 1, "epochs": 1, **m})
 
 
 def _combined_trial(config: dict, shared: dict) -> None:
@@ -845,7 +853,7 @@ def _run_sweep(kind: str, space, prepare, trial, model_dir: str, adapter: str | 
                                                          "objective", "n_suppressed", "trial_id")
                     or k.startswith("canary") or k.startswith("true_")}
             # Wall-clock span of the trial: shows which trials ran side by side.
-            wall = [round(m["timestamp"] - m["time_total_s"], 2), round(float(m["timestamp"]), 2)]
+            wall = [round(m["ended"] - m["time_total_s"], 3), round(m["ended"], 3)]
             trials.append({"point": point, **keep, "epochs_run": m["epoch"], "complete": m["epoch"] == m["epochs"],
                            "wall": wall})
         result = {"kind": kind, "objective": objective, "attack": attack, "behavior": behavior,
