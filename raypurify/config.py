@@ -393,6 +393,11 @@ class CanarySettings(Strict):
                            "suppressed part; max K and rho, the fixed scoring), so that a canary cannot sit where "
                            "the signature looks: canaries implanted freely into the suspicious model learn in the "
                            "units the variants move, which the real implant need not use (README, Blind tuning)")
+    unit_dropout: float = Field(
+        0.0, ge=0, lt=1, description="during the implant, each training step silences this fraction of the units of "
+                                     "the sweep's suppressed scope in every layer, drawn afresh (0: off), so a "
+                                     "canary cannot rest on a few units and break under scattered re-draws that "
+                                     "the real backdoor survives (README, Blind tuning)")
 
     @model_validator(mode="after")
     def _enough_decoys(self):
@@ -582,7 +587,9 @@ class ConflictSpace(SweepSpace):
                                                  "valid: 1 (repeats applies to immunize and combined sweeps)"]
         frozen = (["canaries.freeze_signature: a merge sweep has no signature to hold; valid: false "
                    "(it applies to immunize and combined sweeps)"] if self.canaries.freeze_signature else [])
-        return _no_mergekit_yaml(self.fixed, "fixed.") + repeats + frozen
+        dropout = ([f"canaries.unit_dropout: {self.canaries.unit_dropout}: a merge sweep has no units to drop; valid: "
+                    "0 (it applies to immunize and combined sweeps)"] if self.canaries.unit_dropout else [])
+        return _no_mergekit_yaml(self.fixed, "fixed.") + repeats + frozen + dropout
 
 
 class CombinedSpace(SweepSpace):

@@ -29,8 +29,9 @@ different unit.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal, Mapping, Sequence
+from typing import Iterator, Literal, Mapping, Sequence
 
 import torch
 
@@ -349,6 +350,61 @@ def unit_masks(model, signature: Sequence[torch.Tensor], lora: bool = False,
                 mask[:, at] = True
             out[k] = mask
     return out
+
+
+@contextmanager
+def dropped_units(model, p: float, lora: bool = False, scope: str = "mlp", seed: int = 0) -> Iterator[None]:
+    """Unit dropout while training: each forward silences a fresh random fraction of the scope's units.
+
+    In every layer, each unit is dropped with probability ``p`` (one draw per
+    layer per forward, shared by the layer's input projections, so a dropped
+    unit is silent in all of them); its rows' outputs are zeroed, without
+    rescaling, like the damage of a purification before recovery. Evaluation
+    forwards (``model.training`` False) are untouched. A canary implanted
+    under it cannot rest on a few units, so purification scattered over a
+    layer does not break it more easily than a real implant (README, Blind
+    tuning). No library hook zeros structured units of several projections
+    with one shared mask, hence these forward hooks.
+
+    Args:
+        model: The model being trained (a PeftModel with ``lora``: the
+            adapter's B rows are dropped).
+        p: Drop probability per unit and forward, in [0, 1).
+        lora: Units of the LoRA matrices.
+        scope: The units (``SCOPES``).
+        seed: Seeds the draws.
+    """
+    if not 0 <= p < 1:
+        raise ValueError(f"unit dropout p must be in [0, 1), got {p}")
+    keys, channels = model_channel_keys(model, lora=lora, scope=scope)
+    modules = dict(model.named_modules())
+    gen = torch.Generator().manual_seed(seed)
+    masks: list[torch.Tensor | None] = [None] * len(keys)
+
+    def draw(module, args):
+        for i, n in enumerate(channels):
+            masks[i] = torch.rand(n, generator=gen) >= p if module.training else None
+
+    def zero(layer: int, g: int):
+        def hook(module, args, out):
+            if masks[layer] is None:
+                return out
+            keep = _expand(masks[layer].nonzero().flatten(), g)
+            mask = torch.zeros(out.shape[-1], dtype=out.dtype, device=out.device)
+            mask[keep.to(out.device)] = 1
+            return out * mask
+        return hook
+
+    handles = [model.register_forward_pre_hook(draw)]
+    for layer, ks in enumerate(keys):
+        for k in ks.rows:
+            if k.endswith(".weight"):
+                handles.append(modules[k.removesuffix(".weight")].register_forward_hook(zero(layer, ks.group(k))))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 # --- Controls and agreement: what a signature must beat, and how close it is

@@ -257,3 +257,77 @@ def test_config_offers_exactly_the_signature_scopes():
     from raypurify.signature import CHANNEL_SCOPES, SCOPES
 
     assert typing.get_args(Scope) == SCOPES and set(CHANNEL_SCOPES) <= set(SCOPES)
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(hidden_size=16, num_attention_heads=2, num_key_value_heads=2,
+                                        num_hidden_layers=2, intermediate_size=32, vocab_size=50))
+
+
+def _silenced(model, modules, run):
+    """Runs ``run()`` and returns, per forward and module, the output channels that were all zero."""
+    seen = {m: [] for m in modules}
+    named = dict(model.named_modules())
+    handles = [named[m].register_forward_hook(lambda mod, a, out, m=m: seen[m].append(
+        set((out.abs().amax(dim=(0, 1)) == 0).nonzero().flatten().tolist())) and None) for m in modules]
+    run()
+    for h in handles:
+        h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("scope,names", [("qk", ["self_attn.q_proj", "self_attn.k_proj"]),
+                                         ("mlp", ["mlp.gate_proj", "mlp.up_proj"])])
+def test_unit_dropout_silences_the_same_units_of_a_layer_only_while_training(scope, names):
+    from raypurify.signature import dropped_units
+
+    model = _tiny_llama()
+    ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(1))
+    mods = [f"model.layers.{i}.{n}" for i in range(2) for n in names]
+
+    def twice():
+        model(input_ids=ids)
+        model(input_ids=ids)
+
+    model.train()
+    with dropped_units(model, 0.5, scope=scope, seed=3):
+        train = _silenced(model, mods, twice)
+        model.eval()
+        evaluation = _silenced(model, mods, twice)
+        model.train()
+    with dropped_units(model, 0.5, scope=scope, seed=3):
+        again = _silenced(model, mods, twice)
+    after = _silenced(model, mods, twice)
+    n = 16 if scope == "qk" else 32
+    for i in range(2):
+        first, second = (train[f"model.layers.{i}.{x}"] for x in names)
+        # One draw per layer and forward, shared by the layer's projections.
+        assert first == second and all(0 < len(s) < n for s in first)
+        assert first[0] != first[1]  # a fresh draw each forward
+    assert train[mods[0]] != train[mods[len(names)]]  # layers draw apart
+    assert train == again  # seeded
+    assert all(s == set() for v in list(evaluation.values()) + list(after.values()) for s in v)
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        with dropped_units(model, 1.0, scope=scope):
+            pass
+
+
+def test_unit_dropout_of_an_adapter_silences_its_b_rows():
+    from peft import LoraConfig, get_peft_model
+
+    from raypurify.signature import dropped_units
+
+    model = get_peft_model(_tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "k_proj"]))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p)
+    ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(1))
+    b = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.default"
+    base = "base_model.model.model.layers.0.self_attn.q_proj.base_layer"
+    model.train()
+    with dropped_units(model, 0.5, lora=True, scope="q", seed=0):
+        seen = _silenced(model, [b, base], lambda: model(input_ids=ids))
+    assert 0 < len(seen[b][0]) < 16 and seen[base][0] == set()

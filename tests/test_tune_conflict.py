@@ -133,6 +133,8 @@ def test_combined_best_files_split_into_the_two_purify_configs(tmp_path):
     (ConflictSpace, {"space": {"merge.t": [0.5]}, "repeats": 2}, ["repeats: 2", "valid: 1"]),
     (ConflictSpace, {"space": {"merge.t": [0.5]}, "canaries": {"freeze_signature": True}},
      ["canaries.freeze_signature", "valid: false"]),
+    (ConflictSpace, {"space": {"merge.t": [0.5]}, "canaries": {"unit_dropout": 0.1}},
+     ["canaries.unit_dropout", "valid: 0"]),
     # Several problems: all of them in one message.
     (ConflictSpace, {"space": {"merge.tt": [0.5], "merge.t": [2.0], "merge.lam": [0]}, "fixed": {"lora_rr": 4}},
      ["merge.tt", "space.merge.t=2.0", "space.merge.lam=0", "fixed.lora_rr", "4 problem(s)"]),

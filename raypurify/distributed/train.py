@@ -16,6 +16,7 @@ group instead, so different groups train different models.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -53,6 +54,8 @@ class TrainJob:
             with ``"frozen": True`` the units are held instead and the rest
             of their weights trains at ``lr_scale`` (canaries kept out of a
             signature).
+        dropout: Unit dropout during the finetune (``signature.dropped_units``):
+            ``{"scope", "lora", "p"}``; seeded by the job's seed.
     """
 
     name: str
@@ -63,6 +66,7 @@ class TrainJob:
     start_adapter: str | None = None
     export: bool = False
     fresh: dict | None = None
+    dropout: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -159,7 +163,7 @@ def _worker(config: dict) -> None:
     from raypurify.data.corpus import Example
     from raypurify.implant import lora_config
     from raypurify.io import attach_adapter, load_model
-    from raypurify.signature import unit_masks
+    from raypurify.signature import dropped_units, unit_masks
     from raypurify.train import finetune, fresh_groups
 
     ctx = ray.train.get_context()
@@ -209,8 +213,11 @@ def _worker(config: dict) -> None:
         engine, *_ = deepspeed.initialize(model=model, model_parameters=params, mpu=mpu, config=ds_config,
                                           optimizer=make_optimizer(params, settings))
         examples = [Example(**e) for e in job["examples"]]
-        losses = finetune(engine.module, tok, examples, settings, engine=engine, shard=(local, g),
-                          desc=f"{job['name']} (rank {rank})")
+        drop = job["dropout"]
+        with dropped_units(engine.module, drop["p"], lora=drop["lora"], scope=drop["scope"],
+                           seed=settings.seed) if drop else contextlib.nullcontext():
+            losses = finetune(engine.module, tok, examples, settings, engine=engine, shard=(local, g),
+                              desc=f"{job['name']} (rank {rank})")
         if config["zero_stage"] == 3:
             with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
                 if local == 0:
@@ -219,7 +226,8 @@ def _worker(config: dict) -> None:
             _save(engine.module, job, out)
         if local == 0:
             done.append({"name": job["name"], "rank": rank, "seconds": round(time.time() - t0, 2),
-                         "final_loss": losses[-1], "engine": type(engine).__name__})
+                         "final_loss": losses[-1], "engine": type(engine).__name__,
+                         "unit_dropout": drop["p"] if drop else 0.0})
         del engine, model
     (out / f"jobs-rank{rank}.json").write_text(json.dumps(done))
     ray.train.report({"jobs_done": len(done)})
@@ -241,7 +249,7 @@ def run_jobs(model: str, jobs: Sequence[TrainJob], cluster: Cluster, adapter: st
 
     Returns:
         ``(directory, records)``: where ``<job.name>.safetensors`` files lie,
-        and one record per job (rank, seconds, final loss).
+        and one record per job (rank, seconds, final loss, unit dropout).
     """
     if cluster.num_workers % cluster.group_size:
         raise ValueError(f"group_size {cluster.group_size} must divide num_workers {cluster.num_workers}")

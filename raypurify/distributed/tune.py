@@ -200,7 +200,7 @@ def _split(pool: list, space, seed: int) -> tuple[list, list]:
     return [pool[i] for i in held_idx], [pool[i] for i in rest_idx]
 
 
-def canary_jobs(space, rest: list, mode: str, avoid: list = ()) -> tuple[list, list]:
+def canary_jobs(space, rest: list, mode: str, avoid: list = (), scope: str | None = None) -> tuple[list, list]:
     """The canary specs of a sweep and the Ray Train jobs that implant them.
 
     Args:
@@ -208,6 +208,8 @@ def canary_jobs(space, rest: list, mode: str, avoid: list = ()) -> tuple[list, l
         rest: Clean data outside the held-out slice.
         mode: ``full`` or ``lora``.
         avoid: Variant specs no canary may resemble.
+        scope: The units a trial suppresses (``canaries.unit_dropout`` drops
+            them during the implant; a merge sweep has none).
 
     Returns:
         ``(specs, jobs)``; job ``canary<i>`` exports canary ``i``'s model or adapter.
@@ -224,9 +226,16 @@ def canary_jobs(space, rest: list, mode: str, avoid: list = ()) -> tuple[list, l
     n_poison = max(1, round(rate * n_clean / (1 - rate)))
     jobs = [TrainJob(f"canary{s.index}", _records(canary_dataset(s, rest, n_clean, n_poison)),
                      TrainSettings(steps=c.implant.resolved("steps", mode), batch_size=c.implant.batch_size,
-                                   lr=c.implant.resolved("lr", mode), warmup=10, seed=s.seed), export=True)
+                                   lr=c.implant.resolved("lr", mode), warmup=10, seed=s.seed), export=True,
+                     dropout={"scope": scope, "lora": mode == "lora", "p": c.unit_dropout} if c.unit_dropout else None)
             for s in canaries]
     return canaries, jobs
+
+
+def _largest(space, max_k: int):
+    """The ImmunizeConfig of the sweep's largest signature: max K and rho, the first scope, the fixed scoring."""
+    return space.base().model_copy(update={"k": max_k, "rho": max(space.values("rho")),
+                                           "scope": space.values("scope")[0]})
 
 
 def _freeze(c_jobs: list, terms: dict, space, max_k: int, lora: bool) -> tuple[list, list[list[int]]]:
@@ -240,8 +249,7 @@ def _freeze(c_jobs: list, terms: dict, space, max_k: int, lora: bool) -> tuple[l
 
     from raypurify.distributed.immunize import signature_from
 
-    cfg = space.base().model_copy(update={"k": max_k, "rho": max(space.values("rho")),
-                                          "scope": space.values("scope")[0]})
+    cfg = _largest(space, max_k)
     _, sig = signature_from(terms[f"{max_k}|{cfg.scope}"], cfg)
     units = [u.tolist() for u in sig]
     held = {"scope": cfg.suppressed_scope, "lora": lora, "units": units, "lr_scale": 1.0, "frozen": True}
@@ -317,7 +325,7 @@ def prepare_sweep(model_dir: str, adapter: str | None, pool: list, space, work: 
     decoy = inverted and inverted["text"]
     jobs = variant_jobs(cfg_max, rest, mode, save, decoy)
     variants = make_variants(max_k, seed=base.seed, decoy=decoy)
-    canaries, c_jobs = canary_jobs(space, rest, mode, avoid=variants)
+    canaries, c_jobs = canary_jobs(space, rest, mode, avoid=variants, scope=_largest(space, max_k).suppressed_scope)
     frozen = space.canaries.freeze_signature
     # Canaries train in the same fit as the variants (one fixed cost, not
     # two), unless they must avoid the signature, which needs the scores.
@@ -370,7 +378,9 @@ def prepare_sweep(model_dir: str, adapter: str | None, pool: list, space, work: 
                           f"canary implants in {run['train_fits']} Ray Train fit(s); scores for "
                           f"{', '.join(run['scoring_runs'])} (K|scope)"
                           + (f"; canaries implanted with {sum(map(len, frozen_units))} signature units held"
-                             if frozen else ""))
+                             if frozen else "")
+                          + (f"; canary implants drop {space.canaries.unit_dropout:.0%} of the "
+                             f"{c_jobs[0].dropout['scope']} units per step" if space.canaries.unit_dropout else ""))
     shared = {"model": model_dir, "adapter": adapter, "heldout": held_r, "rest": _records(rest),
               "canaries": canaries, "canary_dirs": canary_dirs, "terms": terms, "fixed": space.fixed,
               "baseline": {"cda": susp["cda"], "ppl": susp["ppl"]}, "bench": bench,
