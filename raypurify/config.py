@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -393,11 +393,21 @@ class CanarySettings(Strict):
                            "suppressed part; max K and rho, the fixed scoring), so that a canary cannot sit where "
                            "the signature looks: canaries implanted freely into the suspicious model learn in the "
                            "units the variants move, which the real implant need not use (README, Blind tuning)")
-    unit_dropout: float = Field(
-        0.0, ge=0, lt=1, description="during the implant, each training step silences this fraction of the units of "
-                                     "the sweep's suppressed scope in every layer, drawn afresh (0: off), so a "
-                                     "canary cannot rest on a few units and break under scattered re-draws that "
-                                     "the real backdoor survives (README, Blind tuning)")
+    unit_dropout: list[Annotated[float, Field(ge=0, lt=1)]] = Field(
+        default_factory=lambda: [0.0], min_length=1,
+        description="per canary, cycled (a number: every canary): during its implant each training step silences "
+                    "this fraction of the units of the sweep's suppressed scope in every layer, drawn afresh (0: "
+                    "off), so the canary cannot rest on a few units and break under scattered re-draws that the real "
+                    "backdoor survives (README, Blind tuning)")
+
+    @field_validator("unit_dropout", mode="before")
+    @classmethod
+    def _one_for_all(cls, v):
+        return v if isinstance(v, list) else [v]
+
+    def dropout(self, index: int) -> float:
+        """The unit dropout of canary ``index`` (cycled)."""
+        return self.unit_dropout[index % len(self.unit_dropout)]
 
     @model_validator(mode="after")
     def _enough_decoys(self):
@@ -588,7 +598,7 @@ class ConflictSpace(SweepSpace):
         frozen = (["canaries.freeze_signature: a merge sweep has no signature to hold; valid: false "
                    "(it applies to immunize and combined sweeps)"] if self.canaries.freeze_signature else [])
         dropout = ([f"canaries.unit_dropout: {self.canaries.unit_dropout}: a merge sweep has no units to drop; valid: "
-                    "0 (it applies to immunize and combined sweeps)"] if self.canaries.unit_dropout else [])
+                    "0 (it applies to immunize and combined sweeps)"] if any(self.canaries.unit_dropout) else [])
         return _no_mergekit_yaml(self.fixed, "fixed.") + repeats + frozen + dropout
 
 

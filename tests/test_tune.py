@@ -129,12 +129,13 @@ def test_canaries_implanted_with_the_signature_held_leave_its_units_alone_and_st
 
     space = build(ImmunizeSpace, {**PICO_SPACE, "repeats": 1, "space": {"rho": [0.1, 0.3], "k": [2, 3]},
                                   "canaries": {**PICO_SPACE["canaries"], "freeze_signature": True,
-                                               "unit_dropout": 0.1}})
+                                               "unit_dropout": [0.0, 0.1]}})
     prep = prepare_sweep(str(poisoned_pico), None, load_examples(zoo / "clean_pool.json"), space, tmp_path, None)
     run, held = prep["run"], prep["run"]["canary_frozen_units"]
     assert run["train_fits"] == 2 and run["canary_finetunes"] == 2 and run["variant_finetunes"] == 6
     assert {r["name"]: r["unit_dropout"] for r in run["train_records"] if r["name"].startswith("canary")} == \
-        {"canary0": 0.1, "canary1": 0.1}  # reported by the worker that trained under it
+        {"canary0": 0.0, "canary1": 0.1}  # cycled per canary; reported by the worker that trained under it
+    assert [c["unit_dropout"] for c in prep["canaries"]] == [0.0, 0.1]
     assert not any(r["unit_dropout"] for r in run["train_records"] if r["name"].startswith("v"))
     n_units = sum(len(u) for u in held)
     total = sum(prep["shared"]["terms"]["3|mlp"]["channels"])
@@ -182,7 +183,8 @@ def test_best_yaml_round_trips_into_purify_config(sweep, poisoned_pico, tmp_path
     ({"space": {"rho": [0.1]}, "repeats": 0}, ["repeats"]),
     ({"space": {"rho": [0.1], "suppress_scope": ["q"]}}, ["space.suppress_scope='q'", "scope 'mlp'"]),
     ({"space": {"rho": [0.1]}, "utility": {"max_ppl_ratio": 0.9}}, ["utility.max_ppl_ratio"]),
-    ({"space": {"rho": [0.1]}, "canaries": {"unit_dropout": 1.0}}, ["canaries.unit_dropout"]),
+    ({"space": {"rho": [0.1]}, "canaries": {"unit_dropout": 1.0}}, ["canaries.unit_dropout.0"]),
+    ({"space": {"rho": [0.1]}, "canaries": {"unit_dropout": [0.0, -0.1]}}, ["canaries.unit_dropout.1"]),
     # Several problems: all of them in one message.
     ({"space": {"rhoo": [0.1], "rho": [2.0], "recovery.epochs": [0]}, "fixed": {"kk": 1}},
      ["rhoo", "space.rho=2.0", "space.recovery.epochs=0", "fixed.kk", "4 problem(s)"]),

@@ -227,7 +227,8 @@ def canary_jobs(space, rest: list, mode: str, avoid: list = (), scope: str | Non
     jobs = [TrainJob(f"canary{s.index}", _records(canary_dataset(s, rest, n_clean, n_poison)),
                      TrainSettings(steps=c.implant.resolved("steps", mode), batch_size=c.implant.batch_size,
                                    lr=c.implant.resolved("lr", mode), warmup=10, seed=s.seed), export=True,
-                     dropout={"scope": scope, "lora": mode == "lora", "p": c.unit_dropout} if c.unit_dropout else None)
+                     dropout={"scope": scope, "lora": mode == "lora", "p": c.dropout(s.index)}
+                     if c.dropout(s.index) else None)
             for s in canaries]
     return canaries, jobs
 
@@ -366,6 +367,9 @@ def prepare_sweep(model_dir: str, adapter: str | None, pool: list, space, work: 
     susp, canary_records = measure_unpurified(model_dir, adapter, held_r, canaries, canary_dirs, bench,
                                               space.canaries.min_asr)
     timings["baseline"] = round(time.time() - t0, 2)
+    for r in canary_records:
+        r["unit_dropout"] = space.canaries.dropout(r["index"])
+    drops = ", ".join(f"{r['unit_dropout']:.0%}" for r in canary_records)
     run = {"variant_finetunes": sum(1 for r in records if r["name"].startswith("v")),
            "canary_finetunes": sum(1 for r in records if r["name"].startswith("canary")),
            "train_fits": 2 if frozen else 1, "canary_frozen_units": frozen_units, "max_k": max_k,
@@ -379,8 +383,8 @@ def prepare_sweep(model_dir: str, adapter: str | None, pool: list, space, work: 
                           f"{', '.join(run['scoring_runs'])} (K|scope)"
                           + (f"; canaries implanted with {sum(map(len, frozen_units))} signature units held"
                              if frozen else "")
-                          + (f"; canary implants drop {space.canaries.unit_dropout:.0%} of the "
-                             f"{c_jobs[0].dropout['scope']} units per step" if space.canaries.unit_dropout else ""))
+                          + (f"; canary implants drop {drops} of the {_largest(space, max_k).suppressed_scope} "
+                             "units per step" if any(space.canaries.unit_dropout) else ""))
     shared = {"model": model_dir, "adapter": adapter, "heldout": held_r, "rest": _records(rest),
               "canaries": canaries, "canary_dirs": canary_dirs, "terms": terms, "fixed": space.fixed,
               "baseline": {"cda": susp["cda"], "ppl": susp["ppl"]}, "bench": bench,
