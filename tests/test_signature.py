@@ -272,7 +272,7 @@ def _silenced(model, modules, run):
     seen = {m: [] for m in modules}
     named = dict(model.named_modules())
     handles = [named[m].register_forward_hook(lambda mod, a, out, m=m: seen[m].append(
-        set((out.abs().amax(dim=(0, 1)) == 0).nonzero().flatten().tolist())) and None) for m in modules]
+        set((out.abs().amax(dim=(0, 1)) == 0).nonzero().flatten().tolist()))) for m in modules]
     run()
     for h in handles:
         h.remove()

@@ -119,8 +119,8 @@ def test_canaries_fire_before_purification_and_not_on_the_suspicious_model(sweep
 def test_canaries_implanted_with_the_signature_held_leave_its_units_alone_and_still_fire(
         zoo, poisoned_pico, local_ray, tmp_path):
     # freeze_signature: the canaries train in a second fit, after scoring,
-    # with the largest signature's units held (and, with unit_dropout, a
-    # tenth of the units silenced per step); they must still fire.
+    # with the largest signature's units held (canary 1 also under unit
+    # dropout: a tenth of the units silenced per step); they must still fire.
     import torch
 
     from raypurify.distributed.tune import prepare_sweep
@@ -375,6 +375,10 @@ def test_a_finished_sweep_is_chosen_again_under_another_budget(sweep, tmp_path, 
 
     run = tmp_path / "bench-run"
     shutil.copytree(out, run / "badnets-sentiment-full", ignore=shutil.ignore_patterns("ray_tune"))
+    # A sweep stored before a field took a list (unit_dropout: 0.0, now [0.0]) is compared in today's form.
+    stored = json.loads((run / "badnets-sentiment-full" / "trials.json").read_text())
+    stored["space"]["canaries"]["unit_dropout"] = 0.0
+    (run / "badnets-sentiment-full" / "trials.json").write_text(json.dumps(stored))
     rows = rechoose_tune_bench([str(run)], str(tmp_path / "bench-again"), space)
     assert [r["blind"]["trial_id"] for r in rows] == [res["chosen"]["trial_id"]]
     assert "| badnets |" in (tmp_path / "bench-again" / "tune_bench.md").read_text()

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import ray
+from pydantic import ValidationError
 from ray import tune
 
 from raypurify.config import AttackConfig, AttackSpace
@@ -326,7 +327,8 @@ def prepare_sweep(model_dir: str, adapter: str | None, pool: list, space, work: 
     decoy = inverted and inverted["text"]
     jobs = variant_jobs(cfg_max, rest, mode, save, decoy)
     variants = make_variants(max_k, seed=base.seed, decoy=decoy)
-    canaries, c_jobs = canary_jobs(space, rest, mode, avoid=variants, scope=_largest(space, max_k).suppressed_scope)
+    dropped_scope = _largest(space, max_k).suppressed_scope
+    canaries, c_jobs = canary_jobs(space, rest, mode, avoid=variants, scope=dropped_scope)
     frozen = space.canaries.freeze_signature
     # Canaries train in the same fit as the variants (one fixed cost, not
     # two), unless they must avoid the signature, which needs the scores.
@@ -383,8 +385,8 @@ def prepare_sweep(model_dir: str, adapter: str | None, pool: list, space, work: 
                           f"{', '.join(run['scoring_runs'])} (K|scope)"
                           + (f"; canaries implanted with {sum(map(len, frozen_units))} signature units held"
                              if frozen else "")
-                          + (f"; canary implants drop {drops} of the {_largest(space, max_k).suppressed_scope} "
-                             "units per step" if any(space.canaries.unit_dropout) else ""))
+                          + (f"; canary implants drop {drops} of the {dropped_scope} units per step"
+                             if any(space.canaries.unit_dropout) else ""))
     shared = {"model": model_dir, "adapter": adapter, "heldout": held_r, "rest": _records(rest),
               "canaries": canaries, "canary_dirs": canary_dirs, "terms": terms, "fixed": space.fixed,
               "baseline": {"cda": susp["cda"], "ppl": susp["ppl"]}, "bench": bench,
@@ -974,7 +976,12 @@ def load_sweep(src: str, space) -> dict:
         problems.append(f"its trials ran {result.get('repeats', 1)} time(s) each, the space's {space.repeats}")
     # Sweeps since the re-choice existed store their space: all of it but the
     # budget must match (older ones are checked on the fields above only).
-    stored = {k: v for k, v in result.get("space", {}).items() if k != "utility"}
+    stored = result.get("space", {})
+    try:  # in today's form (a sweep stored 0.2 where a field now takes a list, [0.2])
+        stored = type(space).model_validate(stored).model_dump(mode="json") if stored else {}
+    except ValidationError:
+        pass
+    stored = {k: v for k, v in stored.items() if k != "utility"}
     given = space.model_dump(mode="json")
     problems += [f"its space's {k!r} was {v!r}, this space's is {given.get(k)!r}" for k, v in stored.items()
                  if given.get(k) != v]
