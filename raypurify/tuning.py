@@ -284,6 +284,8 @@ def bench_row(result: Mapping[str, Any]) -> dict[str, Any]:
             "gap": None if not (blind and hind) else blind["true_asr"] - hind["true_asr"],
             "spearman": result["spearman_canary_true"],
             "n_trials": sum(1 for t in result["trials"] if t.get("complete")),
+            "trials": [{"point": t["point"], "canary_asr": t["canary_asr"], "true_asr": t["true_asr"]}
+                       for t in result["trials"] if t.get("complete")],
             "in_budget": result["statement"] is not None and not str(result["statement"]).startswith("NO trial")}
 
 
@@ -318,4 +320,26 @@ def bench_table(rows: Sequence[Mapping[str, Any]], budget) -> str:
               "slice, for the blind choice and the hindsight choice alike. Targets: blind true ASR within 3 points "
               f"of hindsight ({within}/{len(gaps)} attacks meet it); Spearman(canary ASR, true ASR) >= 0.7 "
               f"({strong}/{len(rhos)} attacks meet it)."]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + by_setting(rows)) + "\n"
+
+
+def by_setting(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Markdown lines: canary and true ASR per value of each swept key, over every attack's completed trials.
+
+    Shows where canaries misread the real backdoor (e.g. canaries that die at
+    a slow recovery rate where the real backdoor survives).
+    """
+    trials = [t for r in rows for t in r.get("trials", [])]
+    if not trials:
+        return []
+    lines = ["", "Mean (min-max) over the attacks' completed trials, by swept value:", "",
+             "| setting | canary ASR | true ASR | trials |", "|---|---|---|---|"]
+    cell = lambda xs: f"{sum(xs) / len(xs):.3f} ({min(xs):.3f}-{max(xs):.3f})"  # noqa: E731
+    for key in sorted({k for t in trials for k in t["point"]}):
+        values = {t["point"][key] for t in trials if key in t["point"]}
+        # Numbers in order; mixed or named values (scoring modes) by name.
+        for value in sorted(values) if all(isinstance(v, (int, float)) for v in values) else sorted(values, key=str):
+            at = [t for t in trials if t["point"].get(key) == value]
+            lines.append(f"| {key} = {value} | {cell([t['canary_asr'] for t in at])} | "
+                         f"{cell([t['true_asr'] for t in at])} | {len(at)} |")
+    return lines

@@ -381,7 +381,14 @@ def test_a_finished_sweep_is_chosen_again_under_another_budget(sweep, tmp_path, 
     (run / "badnets-sentiment-full" / "trials.json").write_text(json.dumps(stored))
     rows = rechoose_tune_bench([str(run)], str(tmp_path / "bench-again"), space)
     assert [r["blind"]["trial_id"] for r in rows] == [res["chosen"]["trial_id"]]
-    assert "| badnets |" in (tmp_path / "bench-again" / "tune_bench.md").read_text()
+    md = (tmp_path / "bench-again" / "tune_bench.md").read_text()
+    assert "| badnets |" in md
+    # Canary and true ASR by swept value, over the completed trials.
+    for rho in (0.1, 0.3):
+        at = [t for t in done if t["point"]["rho"] == rho]
+        mean = sum(t["canary_asr"] for t in at) / len(at)
+        assert any(line.startswith(f"| rho = {rho} | {mean:.3f} (") and line.endswith(f"| {len(at)} |")
+                   for line in md.splitlines()), md
     with pytest.raises(RaypurifyError, match="the same cell in several runs"):
         rechoose_tune_bench([str(run), str(run)], str(tmp_path / "dup"), space)
     assert not (tmp_path / "dup").exists()
