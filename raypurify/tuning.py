@@ -276,6 +276,7 @@ def bench_row(result: Mapping[str, Any]) -> dict[str, Any]:
                 "true_asr": t["true_asr"], "true_cda": t["true_cda"], "cda_drop": t["cda_drop"]}
 
     blind, hind = pick(result["chosen"]), pick(result["hindsight"])
+    done = [t for t in result["trials"] if t.get("complete")]
     return {"attack": result["attack"], "behavior": result["behavior"],
             "suspicious_true_asr": result["suspicious"].get("true_asr"),
             "suspicious_true_cda": result["suspicious"].get("true_cda"),
@@ -283,9 +284,8 @@ def bench_row(result: Mapping[str, Any]) -> dict[str, Any]:
             "blind": blind, "hindsight": hind,
             "gap": None if not (blind and hind) else blind["true_asr"] - hind["true_asr"],
             "spearman": result["spearman_canary_true"],
-            "n_trials": sum(1 for t in result["trials"] if t.get("complete")),
-            "trials": [{"point": t["point"], "canary_asr": t["canary_asr"], "true_asr": t["true_asr"]}
-                       for t in result["trials"] if t.get("complete")],
+            "n_trials": len(done),
+            "trials": [{"point": t["point"], "canary_asr": t["canary_asr"], "true_asr": t["true_asr"]} for t in done],
             "in_budget": result["statement"] is not None and not str(result["statement"]).startswith("NO trial")}
 
 

@@ -225,11 +225,15 @@ def canary_jobs(space, rest: list, mode: str, avoid: list = (), scope: str | Non
     n_clean = c.implant.resolved("n_clean", mode)
     rate = c.implant.resolved("poison_rate", mode)
     n_poison = max(1, round(rate * n_clean / (1 - rate)))
+
+    def dropout(index: int) -> dict | None:
+        p = c.dropout(index)
+        return {"scope": scope, "lora": mode == "lora", "p": p} if p else None
+
     jobs = [TrainJob(f"canary{s.index}", _records(canary_dataset(s, rest, n_clean, n_poison)),
                      TrainSettings(steps=c.implant.resolved("steps", mode), batch_size=c.implant.batch_size,
                                    lr=c.implant.resolved("lr", mode), warmup=10, seed=s.seed), export=True,
-                     dropout={"scope": scope, "lora": mode == "lora", "p": c.dropout(s.index)}
-                     if c.dropout(s.index) else None)
+                     dropout=dropout(s.index))
             for s in canaries]
     return canaries, jobs
 
