@@ -213,6 +213,52 @@ def spearman_of(x: Sequence[float], y: Sequence[float]) -> float | None:
     return spearman(torch.tensor(list(x), dtype=torch.float64), torch.tensor(list(y), dtype=torch.float64))
 
 
+def reliability(means: Sequence[float], sds: Sequence[float], repeats: int) -> float | None:
+    """How much of the spread of a measurement across trials is real, not seed noise.
+
+    Each trial's value is the mean of ``repeats`` runs that differ only in
+    their seeds (re-draw, recovery order). The within-trial variance of that
+    mean is sd^2 / repeats; the reliability is the share of the variance
+    across trials that it leaves (the intraclass correlation of a mean of
+    ``repeats`` runs). Why it matters: two measurements with reliabilities
+    r1 and r2 correlate at most about sqrt(r1 * r2) however well one
+    predicts the other (Spearman's correction for attenuation), so it
+    estimates the ceiling of the canary/true correlation a sweep can show.
+
+    Args:
+        means: Per trial, the mean over its runs.
+        sds: Per trial, the sample sd over its runs.
+        repeats: Runs per trial.
+
+    Returns:
+        A value in [0, 1]; None with fewer than 2 runs or 3 trials, or no spread.
+    """
+    import statistics
+
+    if repeats < 2 or len(means) < 3 or len(sds) != len(means):
+        return None
+    total = statistics.variance(means)
+    if total <= 0:
+        return None
+    noise = statistics.fmean(sd ** 2 for sd in sds) / repeats
+    return min(1.0, max(0.0, 1 - noise / total))
+
+
+def repeats_for(rel: float, repeats: int, target: float) -> int | None:
+    """Runs per trial that would bring reliability ``rel`` (measured with ``repeats``) to ``target``.
+
+    Spearman-Brown: averaging m times as many runs turns r into
+    m r / (1 + (m - 1) r). None where ``rel`` is 0 (no number of runs helps).
+    """
+    import math
+
+    if rel <= 0:
+        return None
+    if rel >= 1:
+        return 1
+    return max(1, math.ceil(repeats * target * (1 - rel) / (rel * (1 - target)) - 1e-9))
+
+
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     """Indices of the points no other point beats on both axes.
 
@@ -285,7 +331,9 @@ def bench_row(result: Mapping[str, Any]) -> dict[str, Any]:
             "gap": None if not (blind and hind) else blind["true_asr"] - hind["true_asr"],
             "spearman": result["spearman_canary_true"],
             "n_trials": len(done),
-            "trials": [{"point": t["point"], "canary_asr": t["canary_asr"], "true_asr": t["true_asr"]} for t in done],
+            "repeats": result.get("repeats", 1),
+            "trials": [{"point": t["point"], **{k: t[k] for k in ("canary_asr", "true_asr", "canary_asr_sd",
+                                                                   "true_asr_sd") if k in t}} for t in done],
             "in_budget": result["statement"] is not None and not str(result["statement"]).startswith("NO trial")}
 
 
@@ -320,7 +368,36 @@ def bench_table(rows: Sequence[Mapping[str, Any]], budget) -> str:
               "slice, for the blind choice and the hindsight choice alike. Targets: blind true ASR within 3 points "
               f"of hindsight ({within}/{len(gaps)} attacks meet it); Spearman(canary ASR, true ASR) >= 0.7 "
               f"({strong}/{len(rhos)} attacks meet it)."]
-    return "\n".join(lines + by_setting(rows)) + "\n"
+    return "\n".join(lines + noise_ceiling(rows) + by_setting(rows)) + "\n"
+
+
+def noise_ceiling(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Markdown lines: per attack, how reliable the trials' canary and true ASR are, and the correlation ceiling.
+
+    Only for sweeps with repeats (the sd over a trial's runs is what it is
+    computed from). A Spearman far under the ceiling is canaries ranking
+    trials differently from the real backdoor; a ceiling under 0.7 means
+    the seeds alone keep the target out of reach with these repeats.
+    """
+    lines = []
+    for r in rows:
+        n, done = r.get("repeats", 1), [t for t in r.get("trials", []) if "true_asr_sd" in t and "canary_asr_sd" in t]
+        rel_t = reliability([t["true_asr"] for t in done], [t["true_asr_sd"] for t in done], n)
+        rel_c = reliability([t["canary_asr"] for t in done], [t["canary_asr_sd"] for t in done], n)
+        if rel_t is None or rel_c is None:
+            continue
+        need = repeats_for(rel_t, n, 0.9)
+        rho = "-" if r["spearman"] is None else f"{r['spearman']:.3f}"
+        lines.append(f"| {r['attack']} | {rel_t:.2f} | {rel_c:.2f} | {(rel_t * rel_c) ** 0.5:.2f} | {rho} | "
+                     f"{'-' if need is None else need} |")
+    if not lines:
+        return []
+    return ["", f"Noise ceiling (each trial's ASR is the mean of {rows[0].get('repeats', 1)} runs with other seeds; "
+            "reliability = share of the spread across trials that is not seed noise, estimated from the trials' sd; "
+            "ceiling = sqrt of the product, about the highest correlation two measurements this noisy can show "
+            "(Spearman's attenuation; an estimate from these few trials, not a bound):", "",
+            "| attack | reliability: true ASR | reliability: canary ASR | ceiling | Spearman | runs for 0.9 (true ASR) |",
+            "|---|---|---|---|---|---|", *lines]
 
 
 def by_setting(rows: Sequence[Mapping[str, Any]]) -> list[str]:

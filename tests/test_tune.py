@@ -441,3 +441,35 @@ def test_one_scoring_pass_gives_every_k_the_scores_of_its_own_variants(tmp_path)
         f32 = lambda a: np.asarray(a[0], dtype=np.float32)  # noqa: E731  (rows travel as object arrays)
         assert np.allclose(f32(once[f"m{k}"]), f32(alone["magnitude"]))
         assert np.allclose(f32(once[f"a{k}"]), f32(alone["alignment"]))
+
+
+def test_reliability_separates_seed_noise_from_real_spread():
+    import random
+
+    from raypurify.tuning import bench_table, reliability, repeats_for
+
+    # Worked case: spread 0.16 across trials, noise of a 2-run mean 0.2^2 / 2 = 0.02.
+    assert reliability([0.1, 0.5, 0.9], [0.2, 0.2, 0.2], 2) == pytest.approx(0.875)
+    assert reliability([0.1, 0.5, 0.9], [0.0, 0.0, 0.0], 3) == 1.0
+    assert reliability([0.4, 0.5, 0.6], [0.5, 0.5, 0.5], 3) == 0.0  # all of the spread is noise
+    assert reliability([0.1, 0.5], [0.1, 0.1], 3) is None and reliability([0.1, 0.5, 0.9], [0.1] * 3, 1) is None
+    # Simulated trials: true values with variance 0.04, each measured as the mean of 4 runs with sd 0.2.
+    rng = random.Random(0)
+    means, sds = [], []
+    for _ in range(400):
+        mu = rng.gauss(0.5, 0.2)
+        runs = [mu + rng.gauss(0, 0.2) for _ in range(4)]
+        means.append(sum(runs) / 4)
+        sds.append((sum((x - means[-1]) ** 2 for x in runs) / 3) ** 0.5)
+    assert reliability(means, sds, 4) == pytest.approx(0.04 / (0.04 + 0.04 / 4), abs=0.05)
+    # Spearman-Brown: 0.5 at 3 runs needs 27 for 0.9 (9 x 0.5 / (1 + 8 x 0.5) = 0.9).
+    assert repeats_for(0.5, 3, 0.9) == 27 and repeats_for(0.95, 3, 0.9) == 2 and repeats_for(0.0, 3, 0.9) is None
+    # The tune bench's table carries the ceiling where trials have repeats, and not otherwise.
+    trials = [{"point": {"rho": r}, "canary_asr": c, "true_asr": t, "canary_asr_sd": 0.05, "true_asr_sd": 0.2}
+              for r, c, t in [(0.1, 0.9, 0.8), (0.2, 0.5, 0.6), (0.3, 0.1, 0.2)]]
+    row = {"attack": "badnets", "suspicious_true_asr": 1.0, "blind": None, "hindsight": None, "gap": None,
+           "spearman": 1.0, "n_trials": 3, "repeats": 2, "trials": trials}
+    ceiling = (reliability([0.8, 0.6, 0.2], [0.2] * 3, 2) * reliability([0.9, 0.5, 0.1], [0.05] * 3, 2)) ** 0.5
+    budget = build(ImmunizeSpace, PICO_SPACE).utility
+    assert f"| badnets | 0.79 | 0.99 | {ceiling:.2f} | 1.000 | 5 |" in bench_table([row], budget)
+    assert "Noise ceiling" not in bench_table([{**row, "repeats": 1}], budget)
