@@ -8,6 +8,7 @@ budget. Writes immunize.md (tables) and immunize.json (every figure).
 
     python jobs/immunize_bench.py --zoo zoo --out reports/immunize
     ray job submit --working-dir . -- python jobs/immunize_bench.py --zoo /abs/zoo --out /abs/out
+    python jobs/immunize_bench.py --retable reports/immunize   # its tables again, from immunize.json
 """
 
 import argparse
@@ -29,7 +30,7 @@ def floats(text: str, flag: str) -> list[float]:
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--zoo", default="zoo")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", help="report directory (required unless --retable)")
     p.add_argument("--config", help="ImmunizeConfig YAML (rho is swept by --rhos)")
     p.add_argument("--cells", default=",".join("/".join(c) for c in FULL + LORA),
                    help="comma-separated attack/behavior/mode cells")
@@ -46,10 +47,18 @@ if __name__ == "__main__":
     p.add_argument("--twins", action="store_true", help="train missing clean twins for the oracle (~150 s a cell)")
     p.add_argument("--address", help="Ray cluster address (default: embedded local Ray)")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--retable", metavar="DIR",
+                   help="rewrite the tables of a finished run's immunize.md from its immunize.json (no arm re-run)")
     p.add_argument("--smoke-test", action="store_true", help="one pico cell, one rho, tiny budgets")
     a = p.parse_args()
     try:
-        from raypurify.distributed.immunize_bench import run_immunize_bench
+        from raypurify.distributed.immunize_bench import retable, run_immunize_bench
+
+        if a.retable:
+            print(retable(a.retable))
+            sys.exit(0)
+        if not a.out:
+            raise RaypurifyError("--out is required (the report directory), unless --retable DIR")
 
         data = load_yaml(a.config)
         size = "bench"

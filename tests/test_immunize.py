@@ -209,9 +209,20 @@ def test_immunize_bench_runs_every_control_and_tabulates(zoo, tmp_path, local_ra
     assert -1 <= cell["agreement"]["spearman"] <= 1
     assert sum(cell["agreement"]["oracle_layers"]["0.25"]) == n
     table = (out / "immunize.md").read_text()
+    floor = rows[("suspicious", 0)]["cda"] - 0.02
     for s in summarize(cell):
         assert f"| {s['arm']} | {s['rho']:g} | {s['n_suppressed']} | {s['asr']:.3f}" in table
+        runs = [r for r in cell["rows"] if (r["arm"], r["rho"]) == (s["arm"], s["rho"])]
+        assert s["meets"] == sum(r["asr"] <= 0.05 and r["cda"] >= floor - 1e-9 for r in runs)
+        assert f"| {s['n']} | {s['meets']}/{s['n']} |" in table
     assert json.loads((out / "immunize.json").read_text())[0]["rows"] == cell["rows"]
+    # Re-tabulating a finished run from its record gives the same file; a directory without one is refused.
+    from raypurify.distributed.immunize_bench import retable
+    from raypurify.errors import RaypurifyError
+
+    assert retable(str(out)) == table == (out / "immunize.md").read_text()
+    with pytest.raises(RaypurifyError, match="not an immunize bench run"):
+        retable(str(tmp_path))
 
 
 def test_first_order_variant_pair_differs_by_the_gradient_difference(zoo, poisoned_pico):

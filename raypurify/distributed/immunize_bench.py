@@ -33,7 +33,7 @@ from raypurify.config import AttackConfig, ImmunizeConfig, build
 from raypurify.distributed.bench import eval_set, evaluate_remote, init_ray, suspicious_model
 from raypurify.distributed.immunize import Arm, compute_scores, recover, signature_from, suppressed_copies
 from raypurify.errors import RaypurifyError
-from raypurify.io import attach_adapter, load_examples, load_model, output_dir
+from raypurify.io import MARKER, attach_adapter, load_examples, load_model, output_dir
 from raypurify.progress import log
 from raypurify.signature import (channel_matrix, layer_matched_random, model_channel_keys, overlap,
                                  random_signature, select_top, spearman, whole_layer)
@@ -160,15 +160,22 @@ def run_cell(zoo: Path, base: str, attack_cfg: AttackConfig, cfg: ImmunizeConfig
             "inverted_target": terms["inverted_target"]}
 
 
+# The issue's target for one purification: ASR at most 5 % with CDA within 2
+# points of the suspicious model's.
+TARGET_ASR, TARGET_CDA_DROP = 0.05, 0.02
+
+
 def summarize(cell: dict) -> list[dict]:
-    """Mean and spread over seeds per (arm, rho)."""
+    """Mean and spread over seeds per (arm, rho), and how many seeds' runs meet the target."""
     groups: dict[tuple, list[dict]] = {}
     for r in cell["rows"]:
         groups.setdefault((r["arm"], r["rho"]), []).append(r)
+    floor = next(r["cda"] for r in cell["rows"] if r["arm"] == "suspicious") - TARGET_CDA_DROP - 1e-9
     out = []
     for (arm, rho), rs in groups.items():
         asr, cda = [r["asr"] for r in rs], [r["cda"] for r in rs]
         out.append({"arm": arm, "rho": rho, "n": len(rs), "asr": statistics.mean(asr),
+                    "meets": sum(r["asr"] <= TARGET_ASR and r["cda"] >= floor for r in rs),
                     "asr_sd": statistics.stdev(asr) if len(asr) > 1 else 0.0, "cda": statistics.mean(cda),
                     "cda_sd": statistics.stdev(cda) if len(cda) > 1 else 0.0,
                     "clean_asr": statistics.mean(r["clean_asr"] for r in rs),
@@ -195,12 +202,13 @@ def cell_table(cell: dict) -> str:
                  + ", ".join(f"rho {r}: {v:.2f}" for r, v in ag["overlap"].items()))
     else:
         head += " — no clean twin cached (oracle not computed; `--twins` trains one)"
-    lines = [head, "", "| arm | rho | channels | ASR | CDA | false act. | seeds |", "|---|---|---|---|---|---|---|"]
+    lines = [head, "", "| arm | rho | channels | ASR | CDA | false act. | seeds | runs meeting the target |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         sd = (lambda k: f" ± {r[k + '_sd']:.3f}" if r["n"] > 1 else "")  # noqa: E731
         lines.append(f"| {r['arm']} | {r['rho']:g} | {r['n_suppressed']} | {r['asr']:.3f}{sd('asr')} | "
                      f"{r['cda']:.3f}{sd('cda')} | "
-                     f"{r['clean_asr']:.3f} | {r['n']} |")
+                     f"{r['clean_asr']:.3f} | {r['n']} | {r['meets']}/{r['n']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -278,7 +286,33 @@ def run_immunize_bench(zoo: str, out: str, cells: Sequence[tuple[str, str, str]]
                 f"and of their units; mean ± sd); evaluated on "
                 f"{'all of heldout.json' if max_eval is None else f'a seeded {max_eval}-sample subset of heldout.json'}; "
                 f"wall time {time.time() - started:.0f}s.\n\n")
-        text += summary_table(results) + "\n" + "\n".join(cell_table(c) for c in results)
+        text += tables(results)
         (tmp / "immunize.md").write_text(text)
     print(text)
     return results
+
+
+def tables(cells: Sequence[dict]) -> str:
+    """The tables of ``immunize.md``: the summary, then every cell's arms."""
+    return (summary_table(cells) + f"\nA run meets the target at ASR <= {TARGET_ASR:g} with CDA at most "
+            f"{TARGET_CDA_DROP * 100:g} points under the suspicious model's.\n\n" + "\n".join(cell_table(c) for c in cells))
+
+
+def retable(src: str) -> str:
+    """Rewrites the tables of a finished run's ``immunize.md`` from its ``immunize.json`` (no arm re-run).
+
+    The first paragraph (settings and wall time) is kept. For table formats
+    added after a run; the figures are the stored ones.
+    """
+    d = Path(src)
+    if not (d / MARKER).is_file() or not (d / "immunize.json").is_file() or not (d / "immunize.md").is_file():
+        raise RaypurifyError(f"{src}: not an immunize bench run written by raypurify (immunize.json, immunize.md)")
+    try:
+        cells = json.loads((d / "immunize.json").read_text())
+        text = (d / "immunize.md").read_text().split("\n\n", 1)[0] + "\n\n" + tables(cells)
+    except (ValueError, KeyError, TypeError, StopIteration) as e:
+        raise RaypurifyError(f"{src}/immunize.json is not an immunize bench record ({type(e).__name__}: {e})") from None
+    tmp = d / ".immunize.md.partial"
+    tmp.write_text(text)
+    tmp.replace(d / "immunize.md")
+    return text
