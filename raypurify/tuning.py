@@ -19,7 +19,9 @@ whatever the sweep kind (immunization, conflict merge or both).
 
 from __future__ import annotations
 
+import math
 import random
+import statistics
 from typing import Any, Mapping, Sequence
 
 # Keys of ImmunizeConfig a search space may sweep; dotted names are nested
@@ -233,8 +235,6 @@ def reliability(means: Sequence[float], sds: Sequence[float], repeats: int) -> f
     Returns:
         A value in [0, 1]; None with fewer than 2 runs or 3 trials, or no spread.
     """
-    import statistics
-
     if repeats < 2 or len(means) < 3 or len(sds) != len(means):
         return None
     total = statistics.variance(means)
@@ -250,8 +250,6 @@ def repeats_for(rel: float, repeats: int, target: float) -> int | None:
     Spearman-Brown: averaging m times as many runs turns r into
     m r / (1 + (m - 1) r). None where ``rel`` is 0 (no number of runs helps).
     """
-    import math
-
     if rel <= 0:
         return None
     if rel >= 1:
