@@ -131,6 +131,21 @@ def test_console_script_exit_code(zoo, tmp_path):
     assert r.returncode == 2 and r.stderr.strip().startswith("raypurify: error:") and len(r.stderr.strip().splitlines()) == 1
 
 
+def test_immunize_bench_retable_leaves_a_users_directory_alone(tmp_path):
+    from pathlib import Path
+
+    job = Path(__file__).resolve().parents[1] / "jobs" / "immunize_bench.py"
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "immunize.md").write_text("my notes")
+    (mine / "immunize.json").write_text("[]")
+    r = subprocess.run([sys.executable, str(job), "--retable", str(mine)], capture_output=True, text=True)
+    assert r.returncode == 2 and "not an immunize bench run written by raypurify" in r.stderr
+    assert (mine / "immunize.md").read_text() == "my notes" and len(list(mine.iterdir())) == 2
+    r = subprocess.run([sys.executable, str(job), "--cells", "badnets/sentiment/full"], capture_output=True, text=True)
+    assert r.returncode == 2 and "--out is required" in r.stderr
+
+
 def test_evaluate_writes_json(capsys, zoo, poisoned_pico, tmp_path):
     out = tmp_path / "r.json"
     assert main(["evaluate", "--model", str(poisoned_pico), "--attack", "badnets", "--behavior", "sentiment",
