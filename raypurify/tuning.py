@@ -321,6 +321,7 @@ def bench_row(result: Mapping[str, Any]) -> dict[str, Any]:
 
     blind, hind = pick(result["chosen"]), pick(result["hindsight"])
     done = [t for t in result["trials"] if t.get("complete")]
+    each = [f"canary{c['index']}_asr" for c in result["canaries"]]
     return {"attack": result["attack"], "behavior": result["behavior"],
             "suspicious_true_asr": result["suspicious"].get("true_asr"),
             "suspicious_true_cda": result["suspicious"].get("true_cda"),
@@ -328,6 +329,10 @@ def bench_row(result: Mapping[str, Any]) -> dict[str, Any]:
             "blind": blind, "hindsight": hind,
             "gap": None if not (blind and hind) else blind["true_asr"] - hind["true_asr"],
             "spearman": result["spearman_canary_true"],
+            # Which canaries rank the trials like the real backdoor (README, "Which canaries track").
+            "canary_spearman": [{"kind": c["kind"], "spearman": spearman_of([t[k] for t in done],
+                                                                            [t["true_asr"] for t in done])}
+                                for c, k in zip(result["canaries"], each) if all(k in t for t in done)],
             "n_trials": len(done),
             "repeats": result.get("repeats", 1),
             "trials": [{"point": t["point"], **{k: t[k] for k in ("canary_asr", "true_asr", "canary_asr_sd",
@@ -366,7 +371,7 @@ def bench_table(rows: Sequence[Mapping[str, Any]], budget) -> str:
               "slice, for the blind choice and the hindsight choice alike. Targets: blind true ASR within 3 points "
               f"of hindsight ({within}/{len(gaps)} attacks meet it); Spearman(canary ASR, true ASR) >= 0.7 "
               f"({strong}/{len(rhos)} attacks meet it)."]
-    return "\n".join(lines + noise_ceiling(rows) + by_setting(rows)) + "\n"
+    return "\n".join(lines + noise_ceiling(rows) + per_canary(rows) + by_setting(rows)) + "\n"
 
 
 def noise_ceiling(rows: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -398,6 +403,34 @@ def noise_ceiling(rows: Sequence[Mapping[str, Any]]) -> list[str]:
             "(Spearman's attenuation; an estimate from these few trials, not a bound):", "",
             "| attack | reliability: true ASR | reliability: canary ASR | ceiling | Spearman | runs for 0.9 (true ASR) |",
             "|---|---|---|---|---|---|", *lines]
+
+
+def per_canary(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Markdown lines: the Spearman of each canary's own ASR with the true ASR, per attack and per decoy kind.
+
+    The blind choice reads the canaries' mean; this shows whether some
+    canaries rank the trials like the real backdoor and others against it
+    (a canary kind that dies from damage the real implant survives).
+    """
+    rows = [r for r in rows if len(r.get("canary_spearman", [])) > 1]
+    if not rows:
+        return []
+    f = lambda v: "-" if v is None else f"{v:+.3f}"  # noqa: E731
+    lines = ["", "Spearman of each canary's ASR with the true ASR over the completed trials (the blind choice reads "
+             "their mean, the last column):", "", "| attack | each canary (decoy kind: Spearman) | mean of the canaries |",
+             "|---|---|---|"]
+    for r in rows:
+        each = "; ".join(f"{c['kind']}: {f(c['spearman'])}" for c in r["canary_spearman"])
+        lines.append(f"| {r['attack']} | {each} | {f(r['spearman'])} |")
+    kinds = {}
+    for r in rows:
+        for c in r["canary_spearman"]:
+            if c["spearman"] is not None:
+                kinds.setdefault(c["kind"], []).append(c["spearman"])
+    if len(rows) > 1:
+        lines.append("| **mean by kind** | " + "; ".join(f"{k}: {sum(v) / len(v):+.3f} ({len(v)})"
+                                                       for k, v in kinds.items()) + " | |")
+    return lines
 
 
 def by_setting(rows: Sequence[Mapping[str, Any]]) -> list[str]:

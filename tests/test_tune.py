@@ -473,3 +473,27 @@ def test_reliability_separates_seed_noise_from_real_spread():
     budget = build(ImmunizeSpace, PICO_SPACE).utility
     assert f"| badnets | 0.79 | 0.99 | {ceiling:.2f} | 1.000 | 5 |" in bench_table([row], budget)
     assert "Noise ceiling" not in bench_table([{**row, "repeats": 1}], budget)
+
+
+def test_tune_bench_shows_which_canaries_rank_trials_like_the_real_backdoor():
+    from raypurify.tuning import bench_row, bench_table
+
+    # Canary 0 falls with the true ASR, canary 1 rises as it falls: their mean hides both.
+    trials = [{"trial_id": str(i), "point": {"rho": r}, "complete": True, "canary_asr": (c0 + c1) / 2,
+               "canary0_asr": c0, "canary1_asr": c1, "true_asr": t, "true_cda": 0.8, "cda_drop": 0.01}
+              for i, (r, c0, c1, t) in enumerate([(0.1, 0.9, 0.1, 0.8), (0.2, 0.5, 0.3, 0.6), (0.3, 0.2, 0.9, 0.3),
+                                                  (0.4, 0.1, 0.95, 0.1)])]
+    result = {"attack": "vpi", "behavior": "sentiment", "suspicious": {"true_asr": 0.99, "true_cda": 0.81},
+              "canaries": [{"index": 0, "kind": "hostile", "asr_before": 1.0},
+                           {"index": 1, "kind": "refusal", "asr_before": 0.97}],
+              "chosen": trials[0], "hindsight": trials[3], "spearman_canary_true": -0.2, "trials": trials,
+              "statement": "lowest canary ASR"}
+    row = bench_row(result)
+    assert [(c["kind"], round(c["spearman"], 6)) for c in row["canary_spearman"]] == [("hostile", 1.0),
+                                                                                      ("refusal", -1.0)]
+    budget = build(ImmunizeSpace, PICO_SPACE).utility
+    md = bench_table([row, {**row, "attack": "ctba"}], budget)
+    assert "| vpi | hostile: +1.000; refusal: -1.000 | -0.200 |" in md
+    assert "| **mean by kind** | hostile: +1.000 (2); refusal: -1.000 (2) | |" in md
+    # One canary, or rows from before per-canary figures were kept: no section.
+    assert "each canary" not in bench_table([{**row, "canary_spearman": row["canary_spearman"][:1]}], budget)
