@@ -410,7 +410,7 @@ def per_canary(rows: Sequence[Mapping[str, Any]]) -> list[str]:
 
     The blind choice reads the canaries' mean; this shows whether some
     canaries rank the trials like the real backdoor and others against it
-    (a canary kind that dies from damage the real implant survives).
+    (on the bench: a canary that dies from damage the real implant survives).
     """
     rows = [r for r in rows if len(r.get("canary_spearman", [])) > 1]
     if not rows:
