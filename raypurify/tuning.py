@@ -419,11 +419,10 @@ def per_canary(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     lines = ["", "Spearman of each canary's ASR with the true ASR over the completed trials (the blind choice reads "
              "their mean, the last column):", "", "| attack | each canary (decoy kind: Spearman) | mean of the canaries |",
              "|---|---|---|"]
+    kinds: dict[str, list[float]] = {}
     for r in rows:
         each = "; ".join(f"{c['kind']}: {f(c['spearman'])}" for c in r["canary_spearman"])
         lines.append(f"| {r['attack']} | {each} | {f(r['spearman'])} |")
-    kinds = {}
-    for r in rows:
         for c in r["canary_spearman"]:
             if c["spearman"] is not None:
                 kinds.setdefault(c["kind"], []).append(c["spearman"])
