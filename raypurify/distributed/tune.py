@@ -221,7 +221,8 @@ def canary_jobs(space, rest: list, mode: str, avoid: list = (), scope: str | Non
     from raypurify.train import TrainSettings
 
     c = space.canaries
-    canaries = make_canaries(c.n, c.seed, avoid=avoid, kinds=c.kinds, forms=c.forms)
+    canaries = make_canaries(c.n, c.seed, avoid=avoid, kinds=c.kinds, forms=c.forms,
+                             positions=c.positions)
     n_clean = c.implant.resolved("n_clean", mode)
     rate = c.implant.resolved("poison_rate", mode)
     n_poison = max(1, round(rate * n_clean / (1 - rate)))
