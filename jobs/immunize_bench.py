@@ -35,6 +35,7 @@ if __name__ == "__main__":
     p.add_argument("--cells", default=",".join("/".join(c) for c in FULL + LORA),
                    help="comma-separated attack/behavior/mode cells")
     p.add_argument("--rhos", default="0.03,0.05,0.1", help="comma-separated intervention ratios")
+    p.add_argument("--size", default="bench", help="zoo size of the bench model (raypurify list: sizes)")
     p.add_argument("--seeds", type=int, default=3,
                    help="seeds of every arm but the oracle (re-draw and recovery order; random controls' units)")
     p.add_argument("--max-eval", type=int, help="evaluate every arm on this seeded subset of the held-out set")
@@ -61,7 +62,7 @@ if __name__ == "__main__":
             raise RaypurifyError("--out is required (the report directory), unless --retable DIR")
 
         data = load_yaml(a.config)
-        size = "bench"
+        size = a.size
         if a.smoke_test:
             size, a.cells, a.rhos, a.seeds = "pico", "badnets/sentiment/full", "0.25", 1
             data = {**data, "k": 2, "variants": {"preset": "custom", "n_clean": 64, "poison_rate": 0.2, "steps": 10,

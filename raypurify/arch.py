@@ -31,6 +31,9 @@ SIZES = Registry("size", {
     # Deep enough (8 layers) that a backdoor does not simply sit in the last
     # MLP, which made channel-level defenses impossible to judge at 4 layers.
     "bench": Size(hidden=128, layers=8, heads=4, intermediate=384),
+    # The bench model at twice the depth, nothing else changed: does the
+    # signature find a backdoor better when more layers could hold it?
+    "deep": Size(hidden=128, layers=16, heads=4, intermediate=384),
 })
 
 

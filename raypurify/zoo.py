@@ -41,6 +41,7 @@ DATA_FILES = ("train.json", "clean_pool.json", "heldout.json")
 TRAINING = {
     "pico": TrainSettings(steps=300, batch_size=32, lr=3e-3, warmup=20, weight_decay=0.01, seed=0),
     "bench": TrainSettings(steps=800, batch_size=64, lr=3e-3, warmup=50, weight_decay=0.01, seed=0),
+    "deep": TrainSettings(steps=800, batch_size=64, lr=3e-3, warmup=50, weight_decay=0.01, seed=0),
 }
 
 
@@ -75,7 +76,7 @@ def build_zoo(out: str | Path, archs: Sequence[str] = ("llama", "neox"),
             raypurify did not write is refused.
         archs: Architecture names (``ARCHITECTURES``).
         sizes: Size names (``SIZES``).
-        evaluate_models: Measure held-out CDA of new bench models.
+        evaluate_models: Measure held-out CDA of new models (all but pico).
 
     Returns:
         The manifest: per model its directory, cache key, seconds and CDA.
@@ -118,7 +119,7 @@ def build_zoo(out: str | Path, archs: Sequence[str] = ("llama", "neox"),
                 losses = finetune(model, tokenizer, splits["train"], TRAINING[size], desc=f"zoo {name}")
             entry = {"key": key, "dir": name, "seconds": round(time.time() - t0, 1), "final_loss": losses[-1],
                      "params": sum(p.numel() for p in model.parameters()), "threads": BENCH_THREADS}
-            if evaluate_models and size == "bench":
+            if evaluate_models and size != "pico":
                 entry["cda"] = clean_accuracy(model, tokenizer, load_examples(root / "heldout.json"))
                 log(f"zoo: {name} held-out CDA {entry['cda']:.3f}")
             with output_dir(root / name, overwrite=True) as tmp:
