@@ -93,7 +93,7 @@ def make_canaries(n: int, seed: int, avoid: Sequence[VariantSpec] = (),
     if bad or not forms:
         raise ValueError(f"unknown canary trigger form(s) {bad}; valid: {', '.join(FORMS)}")
     bad = [p for p in positions or () if p not in POSITIONS]
-    if bad or positions == []:
+    if positions is not None and (bad or not positions):
         raise ValueError(f"unknown canary position(s) {bad}; valid: {', '.join(POSITIONS)}")
     per_kind = {k: sum(1 for i in range(n) if kinds[i % len(kinds)] == k) for k in set(kinds)}
     for k, count in per_kind.items():
