@@ -232,6 +232,9 @@ class ImmunizeConfig(Strict):
     lam: float = Field(0.01, ge=0, description="weight of the alignment term (combined mode)")
     scoring: Literal["norm", "align", "combined"] = "combined"
     per_layer: bool = Field(False, description="top-rho of every layer instead of global")
+    oversample: float = Field(1.0, ge=1, le=10, description=(
+        "utility-aware selection: the top oversample x n units by score are candidates and the n that the "
+        "clean finetunes C_k moved least are re-drawn (1: plain top-rho)"))
     scope: Scope = Field("mlp", description="units scored: MLP channels, attention heads, attention channels, "
                                             "query/key or query channels")
     suppress_scope: Scope | None = Field(

@@ -176,13 +176,27 @@ def combine(magnitude: torch.Tensor, alignment: torch.Tensor, mode: Mode, lam: f
     raise ValueError(f"unknown scoring mode {mode!r}; valid choices: {', '.join(SCORING_MODES)}")
 
 
-def select_top(scores: Sequence[torch.Tensor], rho: float, per_layer: bool = False) -> list[torch.Tensor]:
+def select_top(scores: Sequence[torch.Tensor], rho: float, per_layer: bool = False,
+               drift: Sequence[torch.Tensor] | None = None, oversample: float = 1.0) -> list[torch.Tensor]:
     """The signature: indices of the top-``rho`` channels.
+
+    With ``drift`` and ``oversample`` m > 1 the selection is utility-aware:
+    the top ``m * n`` units by score are candidates and the ``n`` of them that
+    the clean finetunes C_k moved least are kept. Why: on the 16-layer bench
+    model every selected unit sits in layer 0, and the highest-scoring units
+    there are also the ones the clean task moves most (the position-sensitive
+    query channels); re-drawing them cost 10-16 CDA points that 200 recovery
+    samples do not repair, where the low-drift candidates carry the backdoor
+    and less of the skill (README, "Utility-aware selection").
 
     Args:
         scores: One ``[channels_l]`` score vector per layer.
         rho: Fraction of channels to select, in (0, 1).
         per_layer: Take the top ``rho`` of every layer instead of globally.
+        drift: One ``[channels_l]`` vector per layer: the clean finetunes'
+            mean movement of each unit (``drift_terms``); needed when
+            ``oversample`` > 1.
+        oversample: Candidates per selected unit (m >= 1; 1: plain top-rho).
 
     Returns:
         One sorted ``int64`` index tensor per layer. Ties break by position,
@@ -190,16 +204,25 @@ def select_top(scores: Sequence[torch.Tensor], rho: float, per_layer: bool = Fal
     """
     if not 0 < rho < 1:
         raise ValueError(f"rho must be in (0, 1), got {rho}")
+    if oversample < 1 or (oversample > 1 and drift is None):
+        raise ValueError(f"oversample must be >= 1 (and > 1 needs the drift terms), got {oversample}")
+
+    def top(s: torch.Tensor, d: torch.Tensor | None, n: int) -> torch.Tensor:
+        # Stable sorts: equal scores (or drifts) keep their order (deterministic).
+        order = torch.argsort(-s, stable=True)
+        if oversample > 1:
+            cand = order[:min(s.numel(), round(oversample * n))]
+            order = cand[torch.argsort(d[cand], stable=True)]
+        return torch.sort(order[:n]).values
+
     if per_layer:
-        return [torch.sort(torch.topk(s, max(1, round(rho * s.numel())), sorted=True).indices).values for s in scores]
+        return [top(s, drift[i] if drift is not None else None, max(1, round(rho * s.numel())))
+                for i, s in enumerate(scores)]
     flat = torch.cat(list(scores))
-    n = max(1, round(rho * flat.numel()))
-    # Stable sort on -score: equal scores keep their order (deterministic).
-    top = torch.sort(torch.argsort(-flat, stable=True)[:n]).values
+    picked = top(flat, torch.cat(list(drift)) if drift is not None else None, max(1, round(rho * flat.numel())))
     out, start = [], 0
     for s in scores:
-        inside = top[(top >= start) & (top < start + s.numel())] - start
-        out.append(inside)
+        out.append(picked[(picked >= start) & (picked < start + s.numel())] - start)
         start += s.numel()
     return out
 

@@ -66,6 +66,21 @@ def test_select_top_global_vs_per_layer_and_determinism():
         select_top(scores, 1.0)
 
 
+def test_utility_aware_selection_keeps_the_low_drift_candidates():
+    scores = [torch.tensor([0.1, 0.9, 0.8, 0.0]), torch.tensor([0.5, 0.4, 0.3, 0.2])]
+    drift = [torch.tensor([0.0, 5.0, 1.0, 0.0]), torch.tensor([0.5, 2.0, 0.0, 0.0])]
+    # n = 2 of 8; candidates: the top 4 by score (units 0.1, 0.2, 1.0, 1.1); kept: the 2 least drift.
+    assert [s.tolist() for s in select_top(scores, 0.25, drift=drift, oversample=2)] == [[2], [0]]
+    # Oversample 1 is plain top-rho whatever the drift; per layer, candidates stay in their layer.
+    assert [s.tolist() for s in select_top(scores, 0.25, drift=drift)] == [[1, 2], []]
+    assert [s.tolist() for s in select_top(scores, 0.25, per_layer=True, drift=drift, oversample=2)] == [[2], [0]]
+    # A low-drift unit outside the candidates is never picked (unit 0.3: drift 0, score 0).
+    assert 3 not in select_top(scores, 0.25, drift=drift, oversample=2)[0].tolist()
+    for bad in ({"oversample": 0.5, "drift": drift}, {"oversample": 2}):
+        with pytest.raises(ValueError, match="oversample"):
+            select_top(scores, 0.25, **bad)
+
+
 def _llama_layer(h=8, i=12):
     spec = ARCHITECTURES["llama"]
     keys = layer_keys(spec, 0)

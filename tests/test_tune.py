@@ -440,27 +440,32 @@ def test_finetune_in_pieces_equals_finetune(zoo):
         assert torch.equal(p, q), n
 
 
-def test_one_scoring_pass_gives_every_k_the_scores_of_its_own_variants(tmp_path):
+def test_one_scoring_pass_gives_every_k_the_scores_and_drift_of_its_own_variants(tmp_path):
     import numpy as np
     import torch
     from safetensors.torch import save_file
 
-    from raypurify.distributed.scoring import ScoreBlocks, ScorePrefixes
-    from raypurify.signature import ChannelKeys
+    from raypurify.distributed.scoring import ScoreBlocks
+    from raypurify.signature import ChannelKeys, channel_matrix, score_terms
 
     keys = [ChannelKeys(rows=("up",), cols=("down",))]
-    pairs = []
-    for k in range(4):
-        for s in "PC":
-            save_file({"up": torch.randn(10, 3), "down": torch.randn(5, 10)}, str(tmp_path / f"{k}{s}.safetensors"))
-        pairs.append((str(tmp_path / f"{k}P.safetensors"), str(tmp_path / f"{k}C.safetensors")))
+    pairs, t = [], {}
+    for name in ["base"] + [f"{k}{s}" for k in range(4) for s in "PC"]:
+        t[name] = {"up": torch.randn(10, 3), "down": torch.randn(5, 10)}
+        save_file(t[name], str(tmp_path / f"{name}.safetensors"))
+    pairs = [(str(tmp_path / f"{k}P.safetensors"), str(tmp_path / f"{k}C.safetensors")) for k in range(4)]
     batch = {"layer": np.array([0]), "start": np.array([2]), "stop": np.array([9])}
-    once = ScorePrefixes(pairs, keys, [2, 4])(batch)
+    once = ScoreBlocks(pairs, keys, [2, 4], base=str(tmp_path / "base.safetensors"))(batch)
+    f32 = lambda a: np.asarray(a[0], dtype=np.float32)  # noqa: E731  (rows travel as object arrays)
     for k in (2, 4):
-        alone = ScoreBlocks(pairs[:k], keys)(batch)
-        f32 = lambda a: np.asarray(a[0], dtype=np.float32)  # noqa: E731  (rows travel as object arrays)
-        assert np.allclose(f32(once[f"m{k}"]), f32(alone["magnitude"]))
-        assert np.allclose(f32(once[f"a{k}"]), f32(alone["alignment"]))
+        # Units 2..8: rows 2..8 of up, columns 2..8 of down.
+        unit = lambda a, b: channel_matrix({n: a[n] - b[n] for n in a}, keys[0])[2:9]  # noqa: E731
+        mag, align = score_terms(torch.stack([unit(t[f"{i}P"], t[f"{i}C"]) for i in range(k)]))
+        drift = torch.stack([unit(t[f"{i}C"], t["base"]).norm(dim=-1) for i in range(k)]).mean(0)
+        assert np.allclose(f32(once[f"m{k}"]), mag.numpy(), atol=1e-6)
+        assert np.allclose(f32(once[f"a{k}"]), align.numpy(), atol=1e-6)
+        assert np.allclose(f32(once[f"d{k}"]), drift.numpy(), atol=1e-6)
+    assert not any(key.startswith("d") for key in ScoreBlocks(pairs, keys, [4])(batch))
 
 
 def test_reliability_separates_seed_noise_from_real_spread():

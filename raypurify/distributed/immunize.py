@@ -85,20 +85,31 @@ def variant_jobs(cfg: ImmunizeConfig, pool: Sequence[Example], mode: str, save_k
     return jobs
 
 
+def save_base(model, keys: Sequence[str], path: Path) -> str:
+    """The variants' starting point (the suspicious model's unit slices), for the clean drift."""
+    from safetensors.torch import save_file
+
+    state = model.state_dict()
+    save_file({k: state[k].detach().contiguous() for k in keys}, str(path))
+    return str(path)
+
+
 def compute_scores(model_dir: str, adapter: str | None, cfg: ImmunizeConfig, pool: Sequence[Example],
                    work: Path, timings: dict) -> dict:
     """Stages 1-3: variant pairs, deltas and per-channel score terms.
 
     Returns:
-        ``{"magnitude": [...], "alignment": [...], "channels": [...],
-        "train_records": [...]}`` with one tensor per layer.
+        ``{"magnitude": [...], "alignment": [...], "drift": [...],
+        "channels": [...], "train_records": [...]}`` with one tensor per layer.
     """
     mode = "lora" if adapter else "full"
     model, tok = load_model(model_dir, adapter)
     keys, channels = model_channel_keys(model, lora=bool(adapter), scope=cfg.scope)
     inverted = variant_decoy(model, tok, cfg, pool, timings)
-    del model
     save = [k for ks in keys for k in ks.rows + ks.cols]
+    work.mkdir(parents=True, exist_ok=True)
+    base = save_base(model, save, work / "base.safetensors")
+    del model
     t0 = time.time()
     jobs = variant_jobs(cfg, pool, mode, save, inverted and inverted["text"])
     log(f"immunize: training {len(jobs)} variant finetunes (K={cfg.k}) on Ray Train, "
@@ -108,10 +119,11 @@ def compute_scores(model_dir: str, adapter: str | None, cfg: ImmunizeConfig, poo
     t0 = time.time()
     pairs = [(str(out / f"v{k}-P.safetensors"), str(out / f"v{k}-C.safetensors")) for k in range(cfg.k)]
     log(f"immunize: scoring {sum(channels)} {cfg.scope} units on a Ray Data actor pool ({cfg.workers.score_actors} actors)")
-    mag, align = score_on_ray(pairs, keys, channels, cfg.workers.block_channels, cfg.workers.score_actors)
+    terms = score_on_ray(pairs, keys, channels, base=base, block_channels=cfg.workers.block_channels,
+                         actors=cfg.workers.score_actors)[cfg.k]
     timings["score"] = round(time.time() - t0, 2)
-    return {"magnitude": mag, "alignment": align, "channels": channels, "train_records": records,
-            "variant_dir": str(out), "inverted_target": inverted}
+    return {**terms, "channels": channels, "train_records": records, "variant_dir": str(out),
+            "inverted_target": inverted}
 
 
 def signature_from(terms: dict, cfg: ImmunizeConfig) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -119,7 +131,8 @@ def signature_from(terms: dict, cfg: ImmunizeConfig) -> tuple[list[torch.Tensor]
     mag, align = terms["magnitude"], terms["alignment"]
     flat = combine(torch.cat(mag), torch.cat(align), cfg.scoring, cfg.lam)
     scores = list(torch.split(flat, [m.numel() for m in mag]))
-    return scores, select_top(scores, cfg.rho, per_layer=cfg.per_layer)
+    return scores, select_top(scores, cfg.rho, per_layer=cfg.per_layer, drift=terms.get("drift"),
+                              oversample=cfg.oversample)
 
 
 @dataclass(frozen=True)
@@ -256,4 +269,6 @@ def write_signature(dest: Path, terms: dict, scores: Sequence[torch.Tensor], sig
     tensors = {}
     for i, (m, a, s) in enumerate(zip(terms["magnitude"], terms["alignment"], scores)):
         tensors.update({f"layer{i}.magnitude": m, f"layer{i}.alignment": a, f"layer{i}.score": s.contiguous()})
+        if "drift" in terms:
+            tensors[f"layer{i}.drift"] = terms["drift"][i]
     save_file(tensors, str(dest / "signature.safetensors"))

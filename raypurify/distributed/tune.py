@@ -305,8 +305,8 @@ def prepare_sweep(model_dir: str, adapter: str | None, pool: list, space, work: 
         the run record: held-out slice, recovery pool, canary specs and
         model directories, score terms per ``"K|scope"``, baseline figures.
     """
-    from raypurify.distributed.immunize import _records, variant_decoy, variant_jobs
-    from raypurify.distributed.scoring import score_prefixes_on_ray
+    from raypurify.distributed.immunize import _records, save_base, variant_decoy, variant_jobs
+    from raypurify.distributed.scoring import score_on_ray
     from raypurify.distributed.train import cluster_for, run_jobs
     from raypurify.signature import model_channel_keys
     from raypurify.variants import make_variants
@@ -323,8 +323,10 @@ def prepare_sweep(model_dir: str, adapter: str | None, pool: list, space, work: 
     model, tok = _load(model_dir, adapter)
     keys = {s: model_channel_keys(model, lora=bool(adapter), scope=s) for s in scopes}
     inverted = variant_decoy(model, tok, cfg_max, rest, timings)
-    del model
     save = sorted({k for layer_keys, _ in keys.values() for lk in layer_keys for k in lk.rows + lk.cols})
+    work.mkdir(parents=True, exist_ok=True)
+    base_file = save_base(model, save, work / "base.safetensors")
+    del model
 
     # Variants for the largest K only: make_variants(k) is a prefix of
     # make_variants(max_k) (same seeded draws in order), so a trial with a
@@ -352,10 +354,10 @@ def prepare_sweep(model_dir: str, adapter: str | None, pool: list, space, work: 
     for scope in scopes:
         layer_keys, channels = keys[scope]
         log(f"tune: scoring {sum(channels)} {scope} units for K in {ks} (one Ray Data pass)")
-        by_k = score_prefixes_on_ray(pairs, layer_keys, channels, ks, base.workers.block_channels,
-                                     base.workers.score_actors)
-        for k, (mag, align) in by_k.items():
-            terms[f"{k}|{scope}"] = {"magnitude": mag, "alignment": align, "channels": channels}
+        by_k = score_on_ray(pairs, layer_keys, channels, ks, base_file, base.workers.block_channels,
+                            base.workers.score_actors)
+        for k, t in by_k.items():
+            terms[f"{k}|{scope}"] = {**t, "channels": channels}
     timings["score"] = round(time.time() - t0, 2)
 
     frozen_units = None
