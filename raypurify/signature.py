@@ -182,20 +182,20 @@ def select_top(scores: Sequence[torch.Tensor], rho: float, per_layer: bool = Fal
 
     With ``drift`` and ``oversample`` m > 1 the selection is utility-aware:
     the top ``m * n`` units by score are candidates and the ``n`` of them that
-    the clean finetunes C_k moved least are kept. Why: on the 16-layer bench
-    model every selected unit sits in layer 0, and the highest-scoring units
-    there are also the ones the clean task moves most (the position-sensitive
-    query channels); re-drawing them cost 10-16 CDA points that 200 recovery
-    samples do not repair, where the low-drift candidates carry the backdoor
-    and less of the skill (README, "Utility-aware selection").
+    the clean finetunes C_k moved least are kept, to spare the units the
+    clean task uses. Measured on the bench (README, "Utility-aware
+    selection"): on 16 layers it keeps 5-7 CDA points and removes less,
+    no better than random units of the same layers; on 8 layers it misses
+    the backdoor, which sits in high-drift units there. Hence m = 1 by
+    default, and a knob a sweep may try.
 
     Args:
         scores: One ``[channels_l]`` score vector per layer.
         rho: Fraction of channels to select, in (0, 1).
         per_layer: Take the top ``rho`` of every layer instead of globally.
         drift: One ``[channels_l]`` vector per layer: the clean finetunes'
-            mean movement of each unit (``drift_terms``); needed when
-            ``oversample`` > 1.
+            mean movement of each unit (``score_on_ray`` with ``base``);
+            needed when ``oversample`` > 1.
         oversample: Candidates per selected unit (m >= 1; 1: plain top-rho).
 
     Returns:

@@ -33,6 +33,7 @@ SPACE_KEYS: dict[str, str] = {
     "lam": "float",
     "scoring": "choice",
     "per_layer": "choice",
+    "oversample": "float",
     "scope": "choice",
     "suppress_scope": "choice",
     "recovery.lr": "float",

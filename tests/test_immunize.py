@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from raypurify.config import ImmunizeConfig
 from raypurify.io import load_examples, load_model
-from raypurify.signature import combine, model_channel_keys, score_terms
+from raypurify.signature import combine, model_channel_keys, score_terms, select_top
 
 PICO_IMMUNIZE = {
     "k": 3, "rho": 0.25,
@@ -46,12 +46,16 @@ def test_ray_data_scores_equal_the_in_process_computation(scored, poisoned_pico)
 
     d = terms["variant_dir"]
     files = [(load_file(f"{d}/v{k}-P.safetensors"), load_file(f"{d}/v{k}-C.safetensors")) for k in range(cfg.k)]
+    base = model.state_dict()
     for layer, ks in enumerate(keys):
         deltas = torch.stack([channel_matrix({n: p[n] - c[n] for n in ks.rows + ks.cols}, ks) for p, c in files])
         mag, align = score_terms(deltas)
+        drift = torch.stack([channel_matrix({n: c[n] - base[n] for n in ks.rows + ks.cols}, ks).norm(dim=-1)
+                             for _, c in files]).mean(0)
         assert torch.allclose(mag, terms["magnitude"][layer], atol=1e-6)
         assert torch.allclose(align, terms["alignment"][layer], atol=1e-6)
-        assert mag.min() > 0  # the pair really diverged: poisoned copies moved the weights
+        assert torch.allclose(drift, terms["drift"][layer], atol=1e-6)
+        assert mag.min() > 0 and drift.min() > 0  # the pair really diverged; the clean finetune really moved
 
 
 def test_a_variant_trained_on_ray_equals_the_same_finetune_in_process(scored, zoo, poisoned_pico):
@@ -82,7 +86,8 @@ def test_purify_cli_writes_model_signature_and_report(zoo, poisoned_pico, tmp_pa
     cfg_path = tmp_path / "immunize.yaml"
     # Variants answer with the response inverted from the suspicious model.
     inverted = {**PICO_IMMUNIZE["variants"], "decoy": "inverted", "inversion": {"prompts": 8, "steps": 20, "keep": 16}}
-    cfg_path.write_text(yaml.safe_dump({**PICO_IMMUNIZE, "variants": inverted}))
+    # Utility-aware selection: 2n candidates by score, the n least clean drift.
+    cfg_path.write_text(yaml.safe_dump({**PICO_IMMUNIZE, "variants": inverted, "oversample": 2}))
     out = tmp_path / "purified"
     assert main(["purify", "--model", str(poisoned_pico), "--clean-data", str(zoo / "clean_pool.json"),
                  "--out", str(out), "--config", str(cfg_path)]) == 0
@@ -94,6 +99,13 @@ def test_purify_cli_writes_model_signature_and_report(zoo, poisoned_pico, tmp_pa
     sig = json.loads((out / "signature.json").read_text())
     n = sum(len(v) for v in sig["layers"].values())
     assert n == report["n_selected"] == round(0.25 * sum(sig["channels_per_layer"]))
+    terms = load_file(str(out / "signature.safetensors"))
+    layers = range(len(sig["channels_per_layer"]))
+    picked = select_top([terms[f"layer{i}.score"] for i in layers], 0.25,
+                        drift=[terms[f"layer{i}.drift"] for i in layers], oversample=2)
+    assert [p.tolist() for p in picked] == [sig["layers"][str(i)] for i in layers]
+    plain = select_top([terms[f"layer{i}.score"] for i in layers], 0.25)
+    assert [p.tolist() for p in picked] != [p.tolist() for p in plain]  # the drift changed the choice
     # Channels outside the signature and all non-MLP weights moved only by recovery.
     before = load_model(poisoned_pico)[0].state_dict()
     after = model.state_dict()
@@ -103,7 +115,8 @@ def test_purify_cli_writes_model_signature_and_report(zoo, poisoned_pico, tmp_pa
 
 @pytest.mark.parametrize("override,needle", [
     ({"rho": 1.5}, "rho"), ({"k": 1}, "k:"), ({"recovery": {"n_samples": 500}}, "n_samples"),
-    ({"scoring": "magic"}, "scoring"), ({"recovery": {"fresh_lr_scale": 0.5}}, "fresh_lr_scale"),
+    ({"scoring": "magic"}, "scoring"), ({"oversample": 0.5}, "oversample"),
+    ({"recovery": {"fresh_lr_scale": 0.5}}, "fresh_lr_scale"),
     ({"recovery": {"fresh_lr_scale": 10}, "workers": {"zero_stage": 3}}, "ZeRO-3"),
     ({"scope": "mlp", "suppress_scope": "q"}, "does not index the units of scope 'mlp'; valid: mlp"),
     ({"scope": "qk", "suppress_scope": "heads"}, "valid: attn, qk, q"),

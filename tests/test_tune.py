@@ -47,7 +47,8 @@ PICO_SPACE = {
                            "batch_size": 16},
               # Trials recover the re-drawn units faster, the bench's recovery.
               "recovery": {"n_samples": 32, "batch_size": 16, "fresh_lr_scale": 10}},
-    "space": {"rho": [0.1, 0.3], "k": [2, 3], "recovery.epochs": [2]},
+    # Utility-aware selection in every trial (a trial selects with the shared clean drift).
+    "space": {"rho": [0.1, 0.3], "k": [2, 3], "recovery.epochs": [2], "oversample": [2]},
     "canaries": {"n": 2, "implant": {"preset": "custom", "n_clean": 300, "poison_rate": 0.25, "steps": 80,
                                      "lr": 3e-3, "batch_size": 32}},
     "utility": {"heldout": 100, "max_cda_drop": 0.05},
@@ -85,6 +86,7 @@ def test_sweep_trains_variants_once_for_the_largest_k_and_ranks_trials(sweep):
     trials = res["trials"]
     assert len(trials) == 4 and not [t for t in trials if "error" in t]
     assert {(t["point"]["rho"], t["point"]["k"]) for t in trials} == {(0.1, 2), (0.1, 3), (0.3, 2), (0.3, 3)}
+    assert all(t["point"]["oversample"] == 2 for t in trials)
     # Two trials at a time: some spans overlap, never three at once.
     spans = [t["wall"] for t in trials]
     overlaps = lambda a, b: a[0] < b[1] - 0.05 and b[0] < a[1] - 0.05  # noqa: E731
@@ -382,7 +384,8 @@ def test_a_finished_sweep_is_chosen_again_under_another_budget(sweep, tmp_path, 
     assert same["chosen"]["trial_id"] == res["chosen"]["trial_id"]
     assert before == {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     other = build(ImmunizeSpace, {**PICO_SPACE, "space": {"rho": [0.1, 0.3]}, "fixed": {**PICO_SPACE["fixed"], "k": 3}})
-    with pytest.raises(RaypurifyError, match=r"cannot re-choose.*swept \['k', 'recovery.epochs', 'rho'\]"):
+    swept = r"swept \['k', 'oversample', 'recovery.epochs', 'rho'\]"
+    with pytest.raises(RaypurifyError, match=r"cannot re-choose.*" + swept):
         load_sweep(str(out), other)
     with pytest.raises(RaypurifyError, match="not the trials.json of a raypurify sweep"):
         load_sweep(str(tmp_path / "nothing"), space)

@@ -4,8 +4,8 @@ A row is one block of channels (a layer, or a slice of a wide layer's
 channels). The scoring actor opens the 2K safetensors files (and the base
 model's slices, for the clean drift) lazily and reads only the block's
 slices, so its peak memory is about ``2K x block`` tensors, never K copies
-of the model. Per-channel magnitude and alignment come back to
-the driver, which combines them (the ``combined`` mode needs the global
+of the model. Per-channel magnitude, alignment and clean drift come back
+to the driver, which combines them (the ``combined`` mode needs the global
 maximum) and selects the signature.
 """
 
