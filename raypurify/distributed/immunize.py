@@ -90,6 +90,7 @@ def save_base(model, keys: Sequence[str], path: Path) -> str:
     from safetensors.torch import save_file
 
     state = model.state_dict()
+    path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: state[k].detach().contiguous() for k in keys}, str(path))
     return str(path)
 
@@ -107,7 +108,6 @@ def compute_scores(model_dir: str, adapter: str | None, cfg: ImmunizeConfig, poo
     keys, channels = model_channel_keys(model, lora=bool(adapter), scope=cfg.scope)
     inverted = variant_decoy(model, tok, cfg, pool, timings)
     save = [k for ks in keys for k in ks.rows + ks.cols]
-    work.mkdir(parents=True, exist_ok=True)
     base = save_base(model, save, work / "base.safetensors")
     del model
     t0 = time.time()

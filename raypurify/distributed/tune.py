@@ -324,7 +324,6 @@ def prepare_sweep(model_dir: str, adapter: str | None, pool: list, space, work: 
     keys = {s: model_channel_keys(model, lora=bool(adapter), scope=s) for s in scopes}
     inverted = variant_decoy(model, tok, cfg_max, rest, timings)
     save = sorted({k for layer_keys, _ in keys.values() for lk in layer_keys for k in lk.rows + lk.cols})
-    work.mkdir(parents=True, exist_ok=True)
     base_file = save_base(model, save, work / "base.safetensors")
     del model
 
