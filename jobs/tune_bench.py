@@ -49,6 +49,7 @@ if __name__ == "__main__":
     p.add_argument("--attacks", default=",".join(ATTACKS))
     p.add_argument("--behavior", default="sentiment")
     p.add_argument("--mode", default="full", choices=["full", "lora"])
+    p.add_argument("--size", default="bench", help="zoo size of the bench model (raypurify list: sizes)")
     p.add_argument("--asha", action="store_true", help="keep the space's ASHA early stopping")
     p.add_argument("--address", help="Ray cluster address (default: embedded local Ray)")
     p.add_argument("--overwrite", action="store_true")
@@ -58,7 +59,7 @@ if __name__ == "__main__":
     p.add_argument("--rechoose", help="comma-separated finished runs of --space: choose again, re-run nothing")
     a = p.parse_args()
     try:
-        data, size, overrides = load_yaml(a.space), "bench", None
+        data, size, overrides = load_yaml(a.space), a.size, None
         if a.smoke_test:
             data, size, overrides, a.attacks = SMOKE_SPACE, "pico", PICO_ATTACK, "badnets,vpi"
         if not a.asha:

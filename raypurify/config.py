@@ -206,6 +206,9 @@ class ImmunizeRecovery(Recovery):
     # README, "Recovering re-drawn units".
     fresh_lr_scale: float = Field(1.0, ge=1, le=100, description="learning-rate multiplier of the suppressed "
                                                                   "units during recovery (1: same as the rest)")
+    distill: float = Field(0.0, ge=0, le=10, description=(
+        "weight of a KL pull toward the suspicious model's own next-token distributions on every token of the "
+        "recovery samples (0: off; README, \"Distilled recovery\")"))
 
 
 class Workers(Strict):
@@ -240,6 +243,9 @@ class ImmunizeConfig(Strict):
     suppress_scope: Scope | None = Field(
         None, description="the part of each selected unit that is re-drawn (zeroed for LoRA), default: all of "
                           "`scope`; attn, qk and q index the same units (e.g. score qk, suppress q)")
+    suppression: Literal["reinit", "project"] = Field("reinit", description=(
+        "reinit: re-draw the selected units (zero them for LoRA), the paper's; project: remove from each unit "
+        "only its components along its K differential deltas (README, \"Projection instead of re-drawing\")"))
     seed: int = 0
     variants: VariantRegime = VariantRegime()
     recovery: ImmunizeRecovery = ImmunizeRecovery()
@@ -265,6 +271,14 @@ class ImmunizeConfig(Strict):
         if self.workers.num_workers % self.workers.group_size:
             raise ValueError(f"workers.group_size {self.workers.group_size} must divide "
                              f"workers.num_workers {self.workers.num_workers}")
+        # The variants save the scored scope's weights; projection reads the
+        # suppressed part's deltas from them (q within qk within attn;
+        # CHANNEL_SCOPES lists them widest first).
+        if self.suppression == "project" and self.suppressed_scope != self.scope and (
+                self.scope not in CHANNEL_SCOPES
+                or CHANNEL_SCOPES.index(self.suppressed_scope) < CHANNEL_SCOPES.index(self.scope)):
+            raise ValueError(f"suppression 'project' needs suppress_scope within scope: the variants keep "
+                             f"only {self.scope!r} weights, not all of {self.suppressed_scope!r}")
         if self.recovery.fresh_lr_scale != 1 and self.workers.zero_stage == 3:
             # ZeRO-3 partitions each weight across workers, so the per-row
             # gradient mask of the re-drawn units has nothing whole to act on.

@@ -275,6 +275,50 @@ def copy_channels(tensors: Mapping[str, torch.Tensor], source: Mapping[str, torc
         tensors[k][:, idx] = source[k][:, idx].to(tensors[k])
 
 
+@torch.no_grad()
+def set_channels(tensors: Mapping[str, torch.Tensor], keys: ChannelKeys, channels: torch.Tensor,
+                 values: torch.Tensor) -> None:
+    """Writes channel vectors into the selected channels of one layer, in place (``channel_matrix``'s inverse).
+
+    Args:
+        values: ``[n, width]``: one row per selected channel, laid out as ``channel_matrix`` lays it out.
+    """
+    at = 0
+    for k in keys.rows + keys.cols:
+        t = tensors[k]
+        idx = _expand(channels, keys.group(k)).to(t.device)
+        width = keys.group(k) * (t.shape[0] if k in keys.cols else t[0].numel())
+        part = values[:, at:at + width].reshape(idx.numel(), -1)
+        at += width
+        if k in keys.cols:
+            t[:, idx] = part.T.to(t)
+        else:
+            t[idx] = part.reshape(idx.numel(), *t.shape[1:]).to(t)
+
+
+@torch.no_grad()
+def project_channels(tensors: Mapping[str, torch.Tensor], keys: ChannelKeys, channels: torch.Tensor,
+                     deltas: torch.Tensor) -> None:
+    """Removes from each selected channel its components along its own differential deltas, in place.
+
+    The K deltas of a channel span the directions in which planting a
+    trigger moved it; the rest of the channel, what it already computed,
+    is kept (a re-draw throws that away too). README, "Projection
+    instead of re-drawing".
+
+    Args:
+        channels: ``[n]`` selected channel indices of this layer.
+        deltas: ``[n, K, width]``: each selected channel's K differential deltas
+            (``channel_matrix`` layout).
+    """
+    if channels.numel() == 0:
+        return
+    w = channel_matrix(tensors, keys)[channels.to(next(iter(tensors.values())).device)]  # [n, width]
+    basis, _ = torch.linalg.qr(deltas.to(w).transpose(1, 2))  # [n, width, K], orthonormal columns
+    w = w - (basis @ (basis.transpose(1, 2) @ w.unsqueeze(-1))).squeeze(-1)
+    set_channels(tensors, keys, channels, w)
+
+
 def model_channel_keys(model, lora: bool = False, scope: str = "mlp") -> tuple[list[ChannelKeys], list[int]]:
     """Unit keys and unit counts of every layer of a (peft) model.
 
@@ -317,8 +361,9 @@ def model_channel_keys(model, lora: bool = False, scope: str = "mlp") -> tuple[l
 
 @torch.no_grad()
 def suppress(model, signature: Sequence[torch.Tensor], lora: bool = False, seed: int = 0,
-             scope: str = "mlp", zero: bool | None = None) -> None:
-    """Applies a signature in place: re-initialize (full) or zero (LoRA) its units.
+             scope: str = "mlp", zero: bool | None = None,
+             directions: Sequence[torch.Tensor] | None = None) -> None:
+    """Applies a signature in place: re-initialize (full) or zero (LoRA) its units, or project them.
 
     Args:
         model: The suspicious model (a PeftModel in the adapter-only setting).
@@ -328,6 +373,9 @@ def suppress(model, signature: Sequence[torch.Tensor], lora: bool = False, seed:
         scope: ``mlp`` channels, attention ``heads``, ``attn``, ``qk`` or ``q`` channels.
         zero: Zero the units instead of re-drawing them (default: ``lora``;
             the pruning baselines zero full-model channels too).
+        directions: Per layer ``[n_l, K, width]``, the selected units' K
+            differential deltas: each unit loses its components along them
+            (``project_channels``) instead of being re-drawn or zeroed.
     """
     zero = lora if zero is None else zero
     keys, _ = model_channel_keys(model, lora=lora, scope=scope)
@@ -335,9 +383,11 @@ def suppress(model, signature: Sequence[torch.Tensor], lora: bool = False, seed:
     tensors.update({k: v for k, v in model.state_dict(keep_vars=True).items() if k not in tensors})
     gen = torch.Generator().manual_seed(seed)
     std = getattr(model.config, "initializer_range", 0.02)
-    for layer_keys_, idx in zip(keys, signature):
+    for i, (layer_keys_, idx) in enumerate(zip(keys, signature)):
         data = {k: tensors[k].data for k in layer_keys_.rows + layer_keys_.cols}
-        if zero:
+        if directions is not None:
+            project_channels(data, layer_keys_, idx, directions[i])
+        elif zero:
             zero_channels(data, layer_keys_, idx)
         else:
             reinit_channels(data, layer_keys_, idx, std=std, generator=gen)

@@ -27,7 +27,8 @@ IGNORE = -100
 # pico zoo model differs by up to 0.074 per weight; the bench model's clean
 # CDA is 0.879 with 2 threads and 0.916 with 1). The bench's models (zoo and
 # attacks) are trained with this many threads on any machine, so that
-# everyone who builds the bench gets the same models and the same figures.
+# everyone who builds the bench on the same kind of CPU gets the same models
+# and figures (across kinds the vector kernels round differently: zoo.cpu).
 BENCH_THREADS = 2
 
 
@@ -173,6 +174,37 @@ LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean next-token cross entropy on the answer tokens."""
     return model(**batch).loss
+
+
+def distill_loss(teacher: nn.Module, weight: float) -> LossFn:
+    """Answer cross entropy plus a KL pull toward a frozen teacher on every token.
+
+    Why every token: the recovery has at most 200 clean samples whose
+    answers are a few tokens each; the teacher's next-token distributions
+    over the whole prompt are many times more signal per sample for
+    re-teaching re-drawn units what the model computed on clean text. The
+    teacher is the suspicious model itself: without the trigger it behaves
+    as a clean model does (README, "Distilled recovery", for when this
+    re-teaches the trigger too).
+
+    Args:
+        teacher: Frozen model on the student's device (same tokenizer).
+        weight: Weight of the KL term.
+
+    Returns:
+        ``(model, batch) -> scalar``: the answer cross entropy plus
+        ``weight`` times the mean over non-pad positions of KL(teacher || student).
+    """
+    def loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = model(**batch)
+        with torch.no_grad():
+            target = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        keep = batch["attention_mask"].bool()  # [batch, seq]
+        log_t = torch.log_softmax(target[keep].float(), -1)  # [tokens, vocab]
+        log_s = torch.log_softmax(out.logits[keep].float(), -1)
+        return out.loss + weight * (log_t.exp() * (log_t - log_s)).sum(-1).mean()
+
+    return loss
 
 
 class Finetuner:

@@ -36,9 +36,11 @@ SPACE_KEYS: dict[str, str] = {
     "oversample": "float",
     "scope": "choice",
     "suppress_scope": "choice",
+    "suppression": "choice",
     "recovery.lr": "float",
     "recovery.epochs": "int",
     "recovery.fresh_lr_scale": "float",
+    "recovery.distill": "float",
 }
 
 # Keys of ConflictConfig a conflict sweep may sweep: the merge coefficients

@@ -86,8 +86,10 @@ def test_purify_cli_writes_model_signature_and_report(zoo, poisoned_pico, tmp_pa
     cfg_path = tmp_path / "immunize.yaml"
     # Variants answer with the response inverted from the suspicious model.
     inverted = {**PICO_IMMUNIZE["variants"], "decoy": "inverted", "inversion": {"prompts": 8, "steps": 20, "keep": 16}}
-    # Utility-aware selection: 2n candidates by score, the n least clean drift.
-    cfg_path.write_text(yaml.safe_dump({**PICO_IMMUNIZE, "variants": inverted, "oversample": 2}))
+    # Utility-aware selection: 2n candidates by score, the n least clean drift;
+    # the units projected off their variant deltas (the pipeline's file path).
+    cfg_path.write_text(yaml.safe_dump({**PICO_IMMUNIZE, "variants": inverted, "oversample": 2,
+                                        "suppression": "project"}))
     out = tmp_path / "purified"
     assert main(["purify", "--model", str(poisoned_pico), "--clean-data", str(zoo / "clean_pool.json"),
                  "--out", str(out), "--config", str(cfg_path)]) == 0
@@ -113,11 +115,41 @@ def test_purify_cli_writes_model_signature_and_report(zoo, poisoned_pico, tmp_pa
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+def test_projection_copies_keep_each_unit_minus_its_variant_deltas(scored, poisoned_pico, tmp_path):
+    # suppression: project, as the pipeline applies it: every selected unit
+    # of the copy equals the suspicious unit minus its projection on the span
+    # of its K deltas in the variant files; every other tensor is untouched.
+    from raypurify.distributed.immunize import Arm, signature_from, suppressed_copies
+    from raypurify.signature import channel_matrix
+
+    cfg, terms, _ = scored
+    _, sig = signature_from(terms, cfg)
+    arm = Arm("p", tmp_path / "projected", sig, "mlp", project=True)
+    suppressed_copies(str(poisoned_pico), None, [arm], terms["pairs"])
+    before, after = load_model(poisoned_pico)[0].state_dict(), load_model(arm.start)[0].state_dict()
+    keys, _ = model_channel_keys(load_model(poisoned_pico)[0])
+    files = [(load_file(p), load_file(c)) for p, c in terms["pairs"]]
+    for ks, idx in zip(keys, sig):
+        d = torch.stack([channel_matrix({n: p[n] - c[n] for n in ks.rows + ks.cols}, ks)[idx] for p, c in files], 1)
+        w0, w1 = channel_matrix(before, ks), channel_matrix(after, ks)
+        for j, c in enumerate(idx.tolist()):
+            q, _ = torch.linalg.qr(d[j].T)
+            assert torch.allclose(w1[c], w0[c] - q @ (q.T @ w0[c]), atol=1e-5)
+        rest = torch.ones(len(w0), dtype=torch.bool)
+        rest[idx] = False
+        assert torch.equal(w1[rest], w0[rest])
+    layer_names = {n for ks in keys for n in ks.rows + ks.cols}
+    assert all(torch.equal(before[k], after[k]) for k in before if k not in layer_names)
+
+
 @pytest.mark.parametrize("override,needle", [
     ({"rho": 1.5}, "rho"), ({"k": 1}, "k:"), ({"recovery": {"n_samples": 500}}, "n_samples"),
     ({"scoring": "magic"}, "scoring"), ({"oversample": 0.5}, "oversample"),
     ({"recovery": {"fresh_lr_scale": 0.5}}, "fresh_lr_scale"),
     ({"recovery": {"fresh_lr_scale": 10}, "workers": {"zero_stage": 3}}, "ZeRO-3"),
+    ({"recovery": {"distill": -1}}, "distill"),
+    ({"scope": "q", "suppress_scope": "qk", "suppression": "project"}, "suppress_scope within scope"),
+    ({"suppression": "erase"}, "suppression"),
     ({"scope": "mlp", "suppress_scope": "q"}, "does not index the units of scope 'mlp'; valid: mlp"),
     ({"scope": "qk", "suppress_scope": "heads"}, "valid: attn, qk, q"),
     ({"variants": {"decoy": "guess"}}, "'builtin' or 'inverted'")])
@@ -149,7 +181,7 @@ def test_recovery_trains_only_the_redrawn_units_of_their_weights_faster(zoo, poi
     start, q_start = tmp_path / "suppressed", tmp_path / "q-suppressed"
     arms = [Arm("fast", start, sig, "qk", 10.0), Arm("plain", start, sig, "qk", 1.0), Arm("query", q_start, sig, "q", 10.0)]
     suppressed_copies(str(poisoned_pico), None, arms)
-    out = recover(arms, str(poisoned_pico), False, pool, cfg, tmp_path)
+    out = recover(arms, str(poisoned_pico), None, pool, cfg, tmp_path)
     s0, q0, orig = (load_model(d)[0].state_dict() for d in (start, q_start, poisoned_pico))
     fast, plain, query = (load_model(out / n)[0].state_dict() for n in ("fast", "plain", "query"))
     model, tok = load_model(start)
@@ -272,3 +304,47 @@ def test_first_order_variant_pair_differs_by_the_gradient_difference(zoo, poison
         torch.testing.assert_close(p_state[k] - c_state[k], expected, atol=2e-6, rtol=1e-3)
         moved += float(expected.abs().sum() > 0)
     assert moved == len(gp)  # every tensor sees the poisoned copies
+
+
+def _teacher_kl(student, teacher, tok, examples) -> float:
+    """Mean KL(teacher || student) of the next-token distributions over every prompt and answer token."""
+    from raypurify.train import collate, encode
+
+    batch = collate(encode(tok, examples), tok.pad_token_id)
+    keep = batch["attention_mask"].bool()
+    with torch.no_grad():
+        log_t, log_s = (torch.log_softmax(m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                                          .logits[keep], -1) for m in (teacher, student))
+    return float((log_t.exp() * (log_t - log_s)).sum(-1).mean())
+
+
+def test_distilled_recovery_pulls_the_redrawn_model_toward_the_suspicious_one(zoo, poisoned_pico, tmp_path,
+                                                                              local_ray):
+    # recovery.distill: the Ray Train + DeepSpeed recovery equals the in-process
+    # finetune with distill_loss and the suspicious model as teacher, and ends
+    # nearer the teacher's next-token distributions on unseen clean prompts
+    # than the plain recovery of the same suppressed copy.
+    from raypurify.defenses.common import recovery_set, recovery_settings
+    from raypurify.distributed.immunize import Arm, recover, suppressed_copies
+    from raypurify.train import Finetuner, distill_loss
+
+    plain_cfg = ImmunizeConfig.model_validate({**PICO_IMMUNIZE, "scope": "qk", "recovery": {
+        **PICO_IMMUNIZE["recovery"], "epochs": 1}})
+    cfg = plain_cfg.model_copy(update={"recovery": plain_cfg.recovery.model_copy(update={"distill": 1.0})})
+    pool = load_examples(zoo / "clean_pool.json")
+    arm = Arm("arm", tmp_path / "suppressed", [torch.tensor([1, 5, 9]), torch.tensor([2])], "qk")
+    suppressed_copies(str(poisoned_pico), None, [arm])
+    plain, distilled = (load_model(recover([arm], str(poisoned_pico), None, pool, c, tmp_path / name) / "arm")[0]
+                        for c, name in ((plain_cfg, "plain"), (cfg, "distilled")))
+    teacher, tok = load_model(poisoned_pico)
+    unseen = load_examples(zoo / "heldout.json")[:64]
+    kl = {name: _teacher_kl(m, teacher, tok, unseen) for name, m in (("plain", plain), ("distilled", distilled))}
+    assert kl["distilled"] < 0.8 * kl["plain"], kl
+    model = load_model(arm.start)[0]
+    settings = recovery_settings(cfg.recovery, "full", cfg.seed)
+    torch.manual_seed(settings.seed)
+    Finetuner(model, tok, recovery_set(pool, cfg.recovery.n_samples, cfg.seed), settings,
+              loss_fn=distill_loss(teacher, 1.0)).run()
+    state = distilled.state_dict()
+    for k, v in model.state_dict().items():
+        assert torch.allclose(v, state[k], atol=1e-4), k

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from raypurify.arch import ARCHITECTURES
-from raypurify.signature import (channel_matrix, combine, layer_keys, reinit_channels, score_terms, select_top,
-                                 zero_channels)
+from raypurify.signature import (channel_matrix, combine, layer_keys, project_channels, reinit_channels, score_terms,
+                                 select_top, set_channels, zero_channels)
 from raypurify.variants import make_variants, pair_datasets
 
 K, C, W = 6, 40, 24
@@ -118,6 +118,42 @@ def test_reinit_changes_exactly_the_selected_rows_and_columns():
     for k in keys.cols:
         assert torch.equal(t[k][:, rest], before[k][:, rest])
         assert not torch.equal(t[k][:, sel], before[k][:, sel])
+
+
+def test_projection_removes_only_the_delta_directions_of_the_selected_channels():
+    keys, t = _llama_layer()
+    before = {k: v.clone() for k, v in t.items()}
+    m0 = channel_matrix(t, keys)
+    sel = torch.tensor([2, 7])
+    g = torch.Generator().manual_seed(0)
+    deltas = torch.randn(2, 3, m0.shape[1], generator=g)  # [n, K, width]
+    # A channel that is its deltas' mix plus an orthogonal rest keeps exactly the rest.
+    rest = torch.randn(m0.shape[1], generator=g)
+    q, _ = torch.linalg.qr(deltas[0].T)
+    rest -= q @ (q.T @ rest)
+    set_channels(t, keys, sel[:1], (deltas[0].T @ torch.tensor([1.0, -2.0, 0.5]) + rest)[None])
+    project_channels(t, keys, sel, deltas)
+    m = channel_matrix(t, keys)
+    assert torch.allclose(m[2], rest, atol=1e-5)
+    assert (deltas[1] @ m[7]).abs().max() < 1e-4 and (m[7] - m0[7]).norm() > 0  # orthogonal now, and moved
+    others = torch.tensor([c for c in range(12) if c not in (2, 7)])
+    for k in keys.rows:
+        assert torch.equal(t[k][others], before[k][others])
+    for k in keys.cols:
+        assert torch.equal(t[k][:, others], before[k][:, others])
+
+
+def test_set_channels_inverts_channel_matrix_with_groups_and_biases():
+    from raypurify.signature import ChannelKeys
+
+    keys = ChannelKeys(rows=("w", "b"), cols=("o",), groups=(("w", 2), ("b", 2), ("o", 2)))
+    g = torch.Generator().manual_seed(1)
+    t = {"w": torch.randn(8, 5, generator=g), "b": torch.randn(8, generator=g), "o": torch.randn(3, 8, generator=g)}
+    m = channel_matrix(t, keys)
+    values = torch.randn(2, m.shape[1], generator=g)
+    set_channels(t, keys, torch.tensor([3, 1]), values)
+    after = channel_matrix(t, keys)
+    assert torch.equal(after[[3, 1]], values) and torch.equal(after[[0, 2]], m[[0, 2]])
 
 
 def test_lora_zeroing_maps_channels_to_b_rows_and_a_columns():

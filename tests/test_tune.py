@@ -45,8 +45,11 @@ from raypurify.config import ImmunizeConfig, ImmunizeSpace  # noqa: E402
 PICO_SPACE = {
     "fixed": {"variants": {"preset": "custom", "n_clean": 64, "poison_rate": 0.2, "steps": 10, "lr": 3e-3,
                            "batch_size": 16},
-              # Trials recover the re-drawn units faster, the bench's recovery.
-              "recovery": {"n_samples": 32, "batch_size": 16, "fresh_lr_scale": 10}},
+              # Trials project the units off the shared variants' deltas (the first
+              # K pairs), recover them faster, the bench's recovery, and each start
+              # model is distilled from itself (the trial's teacher path).
+              "suppression": "project",
+              "recovery": {"n_samples": 32, "batch_size": 16, "fresh_lr_scale": 10, "distill": 0.5}},
     # Utility-aware selection in every trial (a trial selects with the shared clean drift).
     "space": {"rho": [0.1, 0.3], "k": [2, 3], "recovery.epochs": [2], "oversample": [2]},
     "canaries": {"n": 2, "implant": {"preset": "custom", "n_clean": 300, "poison_rate": 0.25, "steps": 80,

@@ -32,7 +32,7 @@ from raypurify.distributed.train import TrainJob, cluster_for, run_jobs
 from raypurify.inversion import inverted_response
 from raypurify.io import attach_adapter, load_model
 from raypurify.progress import log
-from raypurify.signature import combine, model_channel_keys, select_top, suppress
+from raypurify.signature import ChannelKeys, channel_matrix, combine, model_channel_keys, select_top, suppress
 from raypurify.train import TrainSettings
 from raypurify.variants import make_variants, pair_datasets
 
@@ -122,7 +122,7 @@ def compute_scores(model_dir: str, adapter: str | None, cfg: ImmunizeConfig, poo
     terms = score_on_ray(pairs, keys, channels, base=base, block_channels=cfg.workers.block_channels,
                          actors=cfg.workers.score_actors)[cfg.k]
     timings["score"] = round(time.time() - t0, 2)
-    return {**terms, "channels": channels, "train_records": records, "variant_dir": str(out),
+    return {**terms, "channels": channels, "train_records": records, "variant_dir": str(out), "pairs": pairs,
             "inverted_target": inverted}
 
 
@@ -150,6 +150,8 @@ class Arm:
         seed: Seeds the re-draw and the recovery's data order; the
             recovery samples themselves are the defender's, the same for
             every seed.
+        project: Project the units off their variant deltas instead of
+            re-drawing them (``suppression: project``).
     """
 
     name: str
@@ -158,13 +160,39 @@ class Arm:
     scope: str
     lr_scale: float = 1.0
     seed: int = 0
+    project: bool = False
 
 
-def suppressed_copies(model_dir: str, adapter: str | None, arms: Sequence[Arm]) -> None:
+def unit_deltas(pairs: Sequence[tuple[str, str]], keys: Sequence[ChannelKeys],
+                signature: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Each selected unit's K differential deltas, read from the variant pairs' files.
+
+    Only the layers that hold a selected unit are read, one weight at a
+    time (``safe_open``): the selected units are rho of the model.
+
+    Returns:
+        One ``[n_l, K, width]`` tensor per layer (``channel_matrix`` layout).
+    """
+    from safetensors import safe_open
+
+    out = []
+    for ks, idx in zip(keys, signature):
+        per_k = []
+        for p_file, c_file in pairs if idx.numel() else ():
+            with safe_open(p_file, "pt") as p, safe_open(c_file, "pt") as c:
+                delta = {k: p.get_tensor(k) - c.get_tensor(k) for k in ks.rows + ks.cols}
+            per_k.append(channel_matrix(delta, ks)[idx])
+        out.append(torch.stack(per_k, 1) if per_k else torch.zeros(0, len(pairs), 0))
+    return out
+
+
+def suppressed_copies(model_dir: str, adapter: str | None, arms: Sequence[Arm],
+                      pairs: Sequence[tuple[str, str]] = ()) -> None:
     """Writes one suppressed copy of the suspicious model (or adapter) per arm.
 
     The model is loaded once; each arm suppresses its units, saves, and puts
-    the touched tensors back, so N arms cost one load, not N.
+    the touched tensors back, so N arms cost one load, not N. An arm with
+    ``project`` projects its units off their deltas in the variant ``pairs``.
     """
     model, tok = load_model(model_dir)
     if adapter:
@@ -175,7 +203,11 @@ def suppressed_copies(model_dir: str, adapter: str | None, arms: Sequence[Arm]) 
     original = {k: v.detach().clone() for k, v in touched.items()}
     for arm in arms:
         if arm.signature is not None:
-            suppress(model, arm.signature, lora=bool(adapter), seed=arm.seed, scope=arm.scope)
+            directions = None
+            if arm.project:
+                keys, _ = model_channel_keys(model, lora=bool(adapter), scope=arm.scope)
+                directions = unit_deltas(pairs, keys, arm.signature)
+            suppress(model, arm.signature, lora=bool(adapter), seed=arm.seed, scope=arm.scope, directions=directions)
         model.save_pretrained(arm.start, safe_serialization=True)
         if not adapter:
             tok.save_pretrained(arm.start)
@@ -184,20 +216,24 @@ def suppressed_copies(model_dir: str, adapter: str | None, arms: Sequence[Arm]) 
                 v.copy_(original[k])
 
 
-def recover(arms: Sequence[Arm], model_dir: str, lora: bool, pool: Sequence[Example], cfg: ImmunizeConfig,
+def recover(arms: Sequence[Arm], model_dir: str, adapter: str | None, pool: Sequence[Example], cfg: ImmunizeConfig,
             work: Path) -> Path:
     """Stage 5b: the recovery finetune of every arm, in one Ray Train fit.
 
     Args:
         arms: Suppressed copies (written by ``suppressed_copies``).
-        model_dir: The base model (for adapters).
-        lora: Arms are adapters.
+        model_dir: The suspicious model, or the base model of ``adapter``.
+        adapter: The suspicious adapter (arms are adapters), or ``None``.
+            With ``recovery.distill`` the suspicious model is the teacher.
 
     Returns:
         The directory holding ``<arm.name>/`` exported model or adapter directories.
     """
+    lora = adapter is not None
     mode = "lora" if lora else "full"
     data = _records(recovery_set(pool, cfg.recovery.n_samples, cfg.seed))
+    distill = {"weight": cfg.recovery.distill, "model": str(Path(model_dir).absolute()),
+               "adapter": adapter and str(Path(adapter).absolute())} if cfg.recovery.distill else None
 
     def fresh(arm: Arm) -> dict | None:
         if arm.lr_scale == 1 or arm.signature is None or not sum(s.numel() for s in arm.signature):
@@ -207,11 +243,12 @@ def recover(arms: Sequence[Arm], model_dir: str, lora: bool, pool: Sequence[Exam
 
     jobs = [TrainJob(a.name, data, recovery_settings(cfg.recovery, mode, a.seed), export=True,
                      start=None if lora else str(a.start), start_adapter=str(a.start) if lora else None,
-                     fresh=fresh(a)) for a in arms]
+                     fresh=fresh(a), distill=distill) for a in arms]
     scales = sorted({a.lr_scale for a in arms} - {1})
     log(f"immunize: recovery finetune of {len(jobs)} arm(s): {jobs[0].settings.steps} steps at lr "
         f"{jobs[0].settings.lr:g}" + (f" (suppressed units x{', x'.join(f'{x:g}' for x in scales)})" if scales else "")
-        + f" on {len(data)} clean samples")
+        + f" on {len(data)} clean samples" + (f", distilled from the suspicious model (weight {cfg.recovery.distill:g})"
+                                               if distill else ""))
     out, _ = run_jobs(model_dir, jobs, cluster_for(cfg.workers, work / "ray_train"), name="recover")
     if not lora:
         from transformers import AutoTokenizer
@@ -236,11 +273,12 @@ def defend(job: DefenseJob, cfg: ImmunizeConfig) -> dict:
     scores, sig = signature_from(terms, cfg)
     timings["select"] = round(time.time() - t0, 2)
     t0 = time.time()
-    arm = Arm("purified", job.work / "suppressed", sig, cfg.suppressed_scope, cfg.recovery.fresh_lr_scale, cfg.seed)
-    suppressed_copies(job.model, job.adapter, [arm])
+    arm = Arm("purified", job.work / "suppressed", sig, cfg.suppressed_scope, cfg.recovery.fresh_lr_scale, cfg.seed,
+              project=cfg.suppression == "project")
+    suppressed_copies(job.model, job.adapter, [arm], terms["pairs"])
     timings["suppress"] = round(time.time() - t0, 2)
     t0 = time.time()
-    rec = recover([arm], job.model, bool(job.adapter), job.clean, cfg, job.work)
+    rec = recover([arm], job.model, job.adapter, job.clean, cfg, job.work)
     timings["recover"] = round(time.time() - t0, 2)
     for f in (rec / "purified").iterdir():
         shutil.copy2(f, job.out / f.name)

@@ -130,12 +130,13 @@ def run_cell(zoo: Path, base: str, attack_cfg: AttackConfig, cfg: ImmunizeConfig
     arms = arms_for(sig_by_rho, terms["channels"], oracle, seeds, cfg.recovery.fresh_lr_scale, cfg.suppressed_scope,
                     other_scales, other_scopes)
     t0 = time.time()
-    runs = [Arm(f"arm{i}", work / "arms" / f"arm{i}", a["sig"], a["scope"], a["scale"], cfg.seed + a["seed"])
-            for i, a in enumerate(arms)]
-    suppressed_copies(model_dir, adapter, runs)
+    # Every suppressing arm, controls included, suppresses the same way.
+    runs = [Arm(f"arm{i}", work / "arms" / f"arm{i}", a["sig"], a["scope"], a["scale"], cfg.seed + a["seed"],
+                project=cfg.suppression == "project") for i, a in enumerate(arms)]
+    suppressed_copies(model_dir, adapter, runs, terms["pairs"])
     timings["suppress"] = round(time.time() - t0, 1)
     t0 = time.time()
-    recovered = recover(runs, model_dir, lora, pool, cfg, work)
+    recovered = recover(runs, model_dir, adapter, pool, cfg, work)
     timings["recover"] = round(time.time() - t0, 1)
     t0 = time.time()
     a_, b_ = attack_cfg.attack, attack_cfg.behavior
@@ -279,9 +280,12 @@ def run_immunize_bench(zoo: str, out: str, cells: Sequence[tuple[str, str, str]]
             finally:
                 shutil.rmtree(work, ignore_errors=True)
             (tmp / "immunize.json").write_text(json.dumps(results, indent=1))
+        recovery = f"suppressed units x{cfg.recovery.fresh_lr_scale:g} the rate" + (
+            f", distilled from the suspicious model at {cfg.recovery.distill:g}" if cfg.recovery.distill else "")
+        suppression = "projected off their variant deltas" if cfg.suppression == "project" else "re-drawn"
         text = (f"Bench model {base}; units: {cfg.scope} (suppressed: {cfg.suppressed_scope}); K={cfg.k}, scoring {cfg.scoring} (lambda {cfg.lam}), variants "
                 f"{cfg.variants.preset}, recovery {cfg.recovery.n_samples} samples x {cfg.recovery.epochs} epochs "
-                f"(suppressed units x{cfg.recovery.fresh_lr_scale:g} the rate, every arm); "
+                f"({recovery}, every arm); units {suppression} (every suppressing arm); "
                 f"every arm but the oracle over {seeds} seeds of re-draw and recovery order (random controls: "
                 f"and of their units; mean ± sd); evaluated on "
                 f"{'all of heldout.json' if max_eval is None else f'a seeded {max_eval}-sample subset of heldout.json'}; "

@@ -87,7 +87,7 @@ class Endpoint:
 
         from raypurify.io import load_model
 
-        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS") or 1)))
         self.args = args
         self.model, self.tok = load_model(args.model, args.adapter, merge=bool(args.adapter))
         if args.conflict_adapter:

@@ -56,6 +56,9 @@ class TrainJob:
             signature).
         dropout: Unit dropout during the finetune (``signature.dropped_units``):
             ``{"scope", "lora", "p"}``; seeded by the job's seed.
+        distill: Distil from a frozen teacher while training
+            (``train.distill_loss``): ``{"weight", "model", "adapter"}``, the
+            teacher's model directory and adapter (or ``None``).
     """
 
     name: str
@@ -67,6 +70,7 @@ class TrainJob:
     export: bool = False
     fresh: dict | None = None
     dropout: dict | None = None
+    distill: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -164,12 +168,12 @@ def _worker(config: dict) -> None:
     from raypurify.implant import lora_config
     from raypurify.io import attach_adapter, load_model
     from raypurify.signature import dropped_units, unit_masks
-    from raypurify.train import finetune, fresh_groups
+    from raypurify.train import distill_loss, finetune, fresh_groups, lm_loss
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     g = config["group_size"]
-    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS") or 1)))
     # Every rank must create every group (new_group is collective).
     groups = [dist.new_group(list(range(s, s + g))) for s in range(0, world, g)]
     singles = [dist.new_group([r]) for r in range(world)]
@@ -213,11 +217,16 @@ def _worker(config: dict) -> None:
         engine, *_ = deepspeed.initialize(model=model, model_parameters=params, mpu=mpu, config=ds_config,
                                           optimizer=make_optimizer(params, settings))
         examples = [Example(**e) for e in job["examples"]]
+        loss_fn = lm_loss
+        if job["distill"]:
+            teacher, _ = load_model(job["distill"]["model"], job["distill"]["adapter"])
+            teacher.to(device=device, dtype=next(engine.module.parameters()).dtype).eval().requires_grad_(False)
+            loss_fn = distill_loss(teacher, job["distill"]["weight"])
         drop = job["dropout"]
         with dropped_units(engine.module, drop["p"], lora=drop["lora"], scope=drop["scope"],
                            seed=settings.seed) if drop else contextlib.nullcontext():
-            losses = finetune(engine.module, tok, examples, settings, engine=engine, shard=(local, g),
-                              desc=f"{job['name']} (rank {rank})")
+            losses = finetune(engine.module, tok, examples, settings, loss_fn=loss_fn, engine=engine,
+                              shard=(local, g), desc=f"{job['name']} (rank {rank})")
         if config["zero_stage"] == 3:
             with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
                 if local == 0:

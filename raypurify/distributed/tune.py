@@ -394,7 +394,7 @@ def prepare_sweep(model_dir: str, adapter: str | None, pool: list, space, work: 
                           + (f"; canary implants drop {drops} of the {dropped_scope} units per step"
                              if any(space.canaries.unit_dropout) else ""))
     shared = {"model": model_dir, "adapter": adapter, "heldout": held_r, "rest": _records(rest),
-              "canaries": canaries, "canary_dirs": canary_dirs, "terms": terms, "fixed": space.fixed,
+              "canaries": canaries, "canary_dirs": canary_dirs, "terms": terms, "pairs": pairs, "fixed": space.fixed,
               "baseline": {"cda": susp["cda"], "ppl": susp["ppl"]}, "bench": bench,
               "budget": space.utility, "repeats": space.repeats}
     return {"shared": shared, "run": run, "suspicious": susp, "canaries": canary_records, "seed": base.seed,
@@ -563,9 +563,9 @@ def _purify_and_report(cfg, starts: list, shared: dict, every_epoch: bool) -> No
         every_epoch: Report after every recovery epoch (ASHA), not only the last.
     """
     from raypurify.defenses.common import recovery_set, recovery_settings
-    from raypurify.distributed.immunize import signature_from
-    from raypurify.signature import suppress, unit_masks
-    from raypurify.train import Finetuner, fresh_groups
+    from raypurify.distributed.immunize import signature_from, unit_deltas
+    from raypurify.signature import model_channel_keys, suppress, unit_masks
+    from raypurify.train import Finetuner, distill_loss, fresh_groups, lm_loss
     from raypurify.tuning import epoch_ends
 
     lora = shared["adapter"] is not None
@@ -574,7 +574,7 @@ def _purify_and_report(cfg, starts: list, shared: dict, every_epoch: bool) -> No
     # from the clean data minus the held-out slice; repeat r re-draws and
     # orders the data with seed + r, on the same samples.
     data = recovery_set(_examples(shared["rest"]), cfg.recovery.n_samples, cfg.seed)
-    repeats = []
+    repeats, directions, teachers = [], None, {}
     for r in range(shared["repeats"]):
         settings = recovery_settings(cfg.recovery, "lora" if lora else "full", cfg.seed + r)
         runs = []
@@ -582,12 +582,20 @@ def _purify_and_report(cfg, starts: list, shared: dict, every_epoch: bool) -> No
             model, tok = _load(model_dir, adapter, trainable=True)
             # The same signature, seed and recovery for the suspicious model and
             # every canary model: a canary's survival predicts the real backdoor's.
-            suppress(model, sig, lora=lora, seed=cfg.seed + r, scope=cfg.suppressed_scope)
+            if cfg.suppression == "project" and directions is None:  # a trial with K variants: the first K pairs
+                keys, _ = model_channel_keys(model, lora=lora, scope=cfg.suppressed_scope)
+                directions = unit_deltas(shared["pairs"][:cfg.k], keys, sig)
+            suppress(model, sig, lora=lora, seed=cfg.seed + r, scope=cfg.suppressed_scope, directions=directions)
             groups = None
             if cfg.recovery.fresh_lr_scale != 1:
                 groups = fresh_groups(model, unit_masks(model, sig, lora=lora, scope=cfg.suppressed_scope),
                                       cfg.recovery.fresh_lr_scale)
-            runs.append((model, tok, Finetuner(model, tok, data, settings, groups=groups)))
+            loss_fn = lm_loss
+            if cfg.recovery.distill:  # each start model is its own teacher, as in `raypurify purify`
+                if (model_dir, adapter) not in teachers:
+                    teachers[model_dir, adapter] = _load(model_dir, adapter)[0].requires_grad_(False)
+                loss_fn = distill_loss(teachers[model_dir, adapter], cfg.recovery.distill)
+            runs.append((model, tok, Finetuner(model, tok, data, settings, loss_fn=loss_fn, groups=groups)))
         repeats.append(runs)
     ends = epoch_ends(settings.steps, cfg.recovery.epochs)
     for epoch, until in enumerate(ends, start=1):
