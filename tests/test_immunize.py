@@ -1,6 +1,7 @@
 """The main method end to end on a real local Ray: Ray Train + DeepSpeed, Ray Data scoring, purify CLI."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -44,8 +45,7 @@ def test_ray_data_scores_equal_the_in_process_computation(scored, poisoned_pico)
     keys, _ = model_channel_keys(model)
     from raypurify.signature import channel_matrix
 
-    d = terms["variant_dir"]
-    files = [(load_file(f"{d}/v{k}-P.safetensors"), load_file(f"{d}/v{k}-C.safetensors")) for k in range(cfg.k)]
+    files = [(load_file(p), load_file(c)) for p, c in terms["pairs"]]
     base = model.state_dict()
     for layer, ks in enumerate(keys):
         deltas = torch.stack([channel_matrix({n: p[n] - c[n] for n in ks.rows + ks.cols}, ks) for p, c in files])
@@ -72,7 +72,7 @@ def test_a_variant_trained_on_ray_equals_the_same_finetune_in_process(scored, zo
     job = variant_jobs(cfg, load_examples(zoo / "clean_pool.json"), "full", save)[1]
     torch.manual_seed(job.settings.seed)
     finetune(model, tok, [Example(**e) for e in job.examples], TrainSettings(**vars(job.settings)))
-    ray_trained = load_file(f"{terms['variant_dir']}/{job.name}.safetensors")
+    ray_trained = load_file(str(Path(terms["pairs"][0][0]).with_name(f"{job.name}.safetensors")))
     state = model.state_dict()
     for k in save:
         assert torch.allclose(state[k], ray_trained[k], atol=1e-4), k

@@ -101,7 +101,8 @@ def compute_scores(model_dir: str, adapter: str | None, cfg: ImmunizeConfig, poo
 
     Returns:
         ``{"magnitude": [...], "alignment": [...], "drift": [...],
-        "channels": [...], "train_records": [...]}`` with one tensor per layer.
+        "channels": [...], "train_records": [...], "pairs": [(P_k file, C_k file), ...]}``
+        with one tensor per layer.
     """
     mode = "lora" if adapter else "full"
     model, tok = load_model(model_dir, adapter)
@@ -122,7 +123,7 @@ def compute_scores(model_dir: str, adapter: str | None, cfg: ImmunizeConfig, poo
     terms = score_on_ray(pairs, keys, channels, base=base, block_channels=cfg.workers.block_channels,
                          actors=cfg.workers.score_actors)[cfg.k]
     timings["score"] = round(time.time() - t0, 2)
-    return {**terms, "channels": channels, "train_records": records, "variant_dir": str(out), "pairs": pairs,
+    return {**terms, "channels": channels, "train_records": records, "pairs": pairs,
             "inverted_target": inverted}
 
 
