@@ -45,6 +45,8 @@ if __name__ == "__main__":
     p.add_argument("--suppress-scopes", default="",
                    help="comma-separated extra purified arms that suppress only this part of each unit "
                         "(e.g. q with a qk config; the config's suppress_scope applies to every other arm)")
+    p.add_argument("--unrecovered", action="store_true",
+                   help="also evaluate the purified arm and the random controls before their recovery")
     p.add_argument("--twins", action="store_true", help="train missing clean twins for the oracle (~150 s a cell)")
     p.add_argument("--address", help="Ray cluster address (default: embedded local Ray)")
     p.add_argument("--overwrite", action="store_true")
@@ -76,7 +78,8 @@ if __name__ == "__main__":
                            size=size, address=a.address, overwrite=a.overwrite,
                            max_eval=a.max_eval, twins=a.twins or a.smoke_test,
                            other_scales=floats(a.fresh_scales, "--fresh-scales"),
-                           other_scopes=[x for x in a.suppress_scopes.split(",") if x.strip()])
+                           other_scopes=[x for x in a.suppress_scopes.split(",") if x.strip()],
+                           unrecovered=a.unrecovered)
     except RaypurifyError as e:
         print(f"raypurify: error: {e}", file=sys.stderr)
         sys.exit(2)

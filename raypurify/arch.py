@@ -34,6 +34,10 @@ SIZES = Registry("size", {
     # The bench model at twice the depth, nothing else changed: does the
     # signature find a backdoor better when more layers could hold it?
     "deep": Size(hidden=128, layers=16, heads=4, intermediate=384),
+    # The bench model at twice the width (same 32-dim heads, 3x MLP), nothing
+    # else changed: with more units per layer, does the backdoor get units of
+    # its own that the clean task does not need (README "A wider bench model")?
+    "wide": Size(hidden=256, layers=8, heads=8, intermediate=768),
 })
 
 

@@ -240,14 +240,19 @@ def test_immunize_bench_runs_every_control_and_tabulates(zoo, tmp_path, local_ra
     cfg = ImmunizeConfig.model_validate({**PICO_IMMUNIZE, "k": 2})
     out = tmp_path / "ib"
     [cell] = run_immunize_bench(str(zoo), str(out), [("vpi", "sentiment", "full")], [0.25], cfg, seeds=2,
-                                size="pico", attack_overrides=PICO_ATTACK, max_eval=120, twins=True)
+                                size="pico", attack_overrides=PICO_ATTACK, max_eval=120, twins=True, unrecovered=True)
     assert {r["n_clean"] for r in cell["rows"]} == {120}  # every arm on the same seeded subset
     arms = {(r["arm"], r["seed"]) for r in cell["rows"]}
     # Every arm but the references and the oracle runs once per seed (re-draw and recovery order).
-    seeded = ("finetune only", "last layer", "purified", "random", "layer-matched random")
+    # (unrecovered: the suppressing arms but the oracle and the last layer evaluated before recovery too.)
+    seeded = ("finetune only", "last layer", "purified", "random", "layer-matched random", "purified, not recovered",
+              "random, not recovered", "layer-matched random, not recovered")
     assert arms == {("clean model", 0), ("suspicious", 0), ("oracle", 0)} | {(a, s) for a in seeded for s in (0, 1)}
     rows = {(r["arm"], r["seed"]): r for r in cell["rows"]}
     n = rows[("purified", 0)]["n_suppressed"]
+    for arm in ("purified", "random", "layer-matched random"):  # the same units, another model: before recovery
+        before, after = rows[(f"{arm}, not recovered", 0)], rows[(arm, 0)]
+        assert before["n_suppressed"] == n and before["ppl"] > after["ppl"]
     assert n == round(0.25 * 2 * 128) == sum(cell["agreement"]["signature_layers"]["0.25"])  # pico: 2 x 128 channels
     assert rows[("random", 1)]["n_suppressed"] == rows[("layer-matched random", 0)]["n_suppressed"] == n
     assert rows[("suspicious", 0)]["asr"] >= 0.8 and rows[("clean model", 0)]["asr"] == 0.0

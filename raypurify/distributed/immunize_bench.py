@@ -55,6 +55,9 @@ def oracle_scores(model_dir: str, suspicious: str, twin: str, lora: bool, scope:
     return [channel_matrix({k: s[k] - t[k] for k in ks.rows + ks.cols}, ks).norm(dim=1) for ks in keys]
 
 
+UNRECOVERED = "not recovered"
+
+
 def purified_name(scale: float | None = None, scope: str | None = None) -> str:
     """An ablation of the purified arm: its units recovered at ``scale`` times
     the rate, or only their ``scope`` part suppressed."""
@@ -95,7 +98,7 @@ def arms_for(sig_by_rho: dict, channels: Sequence[int], oracle, seeds: int, scal
 
 def run_cell(zoo: Path, base: str, attack_cfg: AttackConfig, cfg: ImmunizeConfig, rhos: Sequence[float],
              seeds: int, work: Path, heldout: str, twins: bool = False, other_scales: Sequence[float] = (),
-             other_scopes: Sequence[str] = ()) -> dict:
+             other_scopes: Sequence[str] = (), unrecovered: bool = False) -> dict:
     """One attack cell: variants once, every arm recovered and evaluated.
 
     Args:
@@ -106,6 +109,9 @@ def run_cell(zoo: Path, base: str, attack_cfg: AttackConfig, cfg: ImmunizeConfig
             rate multipliers.
         other_scopes: Extra purified arms, suppressing only this part of
             each unit (e.g. ``q`` of a ``qk`` signature).
+        unrecovered: Also evaluate the purified arm and the random controls
+            before their recovery (arms "<arm>, not recovered"): which
+            units the clean task needs, before the recovery relearns it.
     """
     lora = attack_cfg.mode == "lora"
     t0 = time.time()
@@ -140,20 +146,19 @@ def run_cell(zoo: Path, base: str, attack_cfg: AttackConfig, cfg: ImmunizeConfig
     timings["recover"] = round(time.time() - t0, 1)
     t0 = time.time()
     a_, b_ = attack_cfg.attack, attack_cfg.behavior
-    if lora:
-        futures = [evaluate_remote.remote(model_dir, str(recovered / f"arm{i}"), heldout, a_, b_) for i in range(len(arms))]
-        futures.append(evaluate_remote.remote(model_dir, adapter, heldout, a_, b_))
-        futures.append(evaluate_remote.remote(model_dir, None, heldout, a_, b_))
-    else:
-        futures = [evaluate_remote.remote(str(recovered / f"arm{i}"), None, heldout, a_, b_) for i in range(len(arms))]
-        futures.append(evaluate_remote.remote(model_dir, None, heldout, a_, b_))
-        futures.append(evaluate_remote.remote(str(zoo / base), None, heldout, a_, b_))
-    log(f"immunize bench: evaluating {len(futures)} models as Ray tasks")
-    results = ray.get(futures)
+    evaluated = [(a, str(recovered / f"arm{i}")) for i, a in enumerate(arms)]
+    if unrecovered:  # the same suppressed copies before their recovery
+        evaluated += [({**a, "arm": f"{a['arm']}, {UNRECOVERED}"}, str(runs[i].start)) for i, a in enumerate(arms)
+                      if a["arm"] in ("purified", "layer-matched random", "random")]
+    # (model, adapter) pairs: arms are adapters of model_dir in lora mode; then the suspicious and clean models.
+    where = [(model_dir, p) if lora else (p, None) for _, p in evaluated]
+    where += [(model_dir, adapter), (model_dir, None)] if lora else [(model_dir, None), (str(zoo / base), None)]
+    log(f"immunize bench: evaluating {len(where)} models as Ray tasks")
+    results = ray.get([evaluate_remote.remote(m, ad, heldout, a_, b_) for m, ad in where])
     timings["evaluate"] = round(time.time() - t0, 1)
     rows = [{"arm": a["arm"], "rho": a["rho"], "seed": a["seed"],
              "n_suppressed": 0 if a["sig"] is None else int(sum(s.numel() for s in a["sig"])), **r}
-            for a, r in zip(arms, results)]
+            for (a, _), r in zip(evaluated, results)]
     rows.append({"arm": "suspicious", "rho": 0.0, "seed": 0, "n_suppressed": 0, **results[-2]})
     rows.append({"arm": "clean model", "rho": 0.0, "seed": 0, "n_suppressed": 0, **results[-1]})
     return {"attack": a_, "behavior": b_, "mode": attack_cfg.mode, "rows": rows, "agreement": agreement,
@@ -188,8 +193,9 @@ ARM_ORDER = ["clean model", "suspicious", "finetune only", "last layer", "purifi
 
 
 def _order(arm: str) -> float:
-    """Table position of an arm; the recovery ablations of purified follow it."""
-    return ARM_ORDER.index("purified") + 0.5 if arm.startswith("purified,") else ARM_ORDER.index(arm)
+    """Table position of an arm; an ablation ("<arm>, ...") follows its arm."""
+    base = arm.split(", ")[0]
+    return ARM_ORDER.index(base) + (0.5 if base != arm else 0)
 
 
 def cell_table(cell: dict) -> str:
@@ -216,8 +222,8 @@ def cell_table(cell: dict) -> str:
 def summary_table(cells: Sequence[dict]) -> str:
     """Markdown: per cell and rho, purified against each control (ASR, CDA), with means per threat model."""
     cols = ["suspicious", "finetune only", "last layer", "purified", "layer-matched random", "random"]
-    extra = sorted({r["arm"] for c in cells for r in c["rows"] if r["arm"].startswith("purified,")})
-    cols[4:4] = extra
+    for arm in sorted({r["arm"] for c in cells for r in c["rows"] if ", " in r["arm"]}, reverse=True):
+        cols.insert(cols.index(arm.split(", ")[0]) + 1, arm)  # an ablation after its arm
     head = "| cell | rho | " + " | ".join(cols) + " |\n" + "|---" * (len(cols) + 2) + "|\n"
     lines, per_rho = [], {}
     for cell in cells:
@@ -242,7 +248,7 @@ def run_immunize_bench(zoo: str, out: str, cells: Sequence[tuple[str, str, str]]
                        address: str | None = None, overwrite: bool = False,
                        attack_overrides: dict | None = None, max_eval: int | None = None,
                        twins: bool = False, other_scales: Sequence[float] = (),
-                       other_scopes: Sequence[str] = ()) -> list[dict]:
+                       other_scopes: Sequence[str] = (), unrecovered: bool = False) -> list[dict]:
     """Runs every cell and writes ``immunize.json`` and ``immunize.md`` to ``out``.
 
     ``attack_overrides`` (AttackConfig fields) changes every cell's implant,
@@ -250,7 +256,9 @@ def run_immunize_bench(zoo: str, out: str, cells: Sequence[tuple[str, str, str]]
     on the same seeded subset of the held-out set; ``twins`` trains missing
     clean twins for the oracle; ``other_scales`` adds purified arms whose
     units recover at other rate multipliers than the config's,
-    ``other_scopes`` purified arms that suppress another part of each unit.
+    ``other_scopes`` purified arms that suppress another part of each unit;
+    ``unrecovered`` also evaluates the purified and random arms before
+    their recovery.
     """
     attack_cfgs = [build(AttackConfig, {"attack": a, "behavior": b, "mode": m, **(attack_overrides or {})},
                          source=f"cell {a}/{b}/{m}") for a, b, m in cells]
@@ -276,7 +284,7 @@ def run_immunize_bench(zoo: str, out: str, cells: Sequence[tuple[str, str, str]]
             work = Path(tempfile.mkdtemp(prefix="rp-ibench-"))
             try:
                 results.append(run_cell(z, base, ac, cfg, rhos, seeds, work, heldout, twins, other_scales,
-                                        other_scopes))
+                                        other_scopes, unrecovered))
             finally:
                 shutil.rmtree(work, ignore_errors=True)
             (tmp / "immunize.json").write_text(json.dumps(results, indent=1))
