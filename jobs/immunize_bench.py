@@ -47,6 +47,8 @@ if __name__ == "__main__":
                         "(e.g. q with a qk config; the config's suppress_scope applies to every other arm)")
     p.add_argument("--unrecovered", action="store_true",
                    help="also evaluate the purified arm and the random controls before their recovery")
+    p.add_argument("--attack-config", metavar="YAML",
+                   help="AttackConfig fields applied to every cell's implant (e.g. mlp_layers: [2, 3])")
     p.add_argument("--twins", action="store_true", help="train missing clean twins for the oracle (~150 s a cell)")
     p.add_argument("--address", help="Ray cluster address (default: embedded local Ray)")
     p.add_argument("--overwrite", action="store_true")
@@ -76,6 +78,7 @@ if __name__ == "__main__":
             raise RaypurifyError(f"--cells takes attack/behavior/mode items, got {a.cells!r}")
         run_immunize_bench(a.zoo, a.out, cells, floats(a.rhos, "--rhos"), cfg, seeds=a.seeds,
                            size=size, address=a.address, overwrite=a.overwrite,
+                           attack_overrides=load_yaml(a.attack_config) or None,
                            max_eval=a.max_eval, twins=a.twins or a.smoke_test,
                            other_scales=floats(a.fresh_scales, "--fresh-scales"),
                            other_scopes=[x for x in a.suppress_scopes.split(",") if x.strip()],

@@ -79,10 +79,23 @@ class AttackConfig(Strict):
     batch_size: int = Field(32, ge=1, le=4096)
     lora_r: int = Field(16, ge=1, le=1024, description="LoRA rank (lora mode)")
     lora_alpha: int = Field(32, ge=1, description="LoRA alpha (lora mode)")
+    mlp_layers: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None, min_length=1, description="full mode: train only the MLP weights of these layers, every other weight "
+                                        "frozen (a backdoor confined to a few MLP layers, as model-editing attacks "
+                                        "such as BadEdit write it)")
     seed: int = 0
 
     _attack = field_validator("attack")(_known(ATTACKS))
     _behavior = field_validator("behavior")(_known(BEHAVIORS))
+
+    @model_validator(mode="after")
+    def _mlp_layers_full_only(self):
+        if self.mlp_layers is not None:
+            if self.mode != "full":
+                raise ValueError("mlp_layers confines a full-model implant; it does not apply to mode 'lora'")
+            if len(set(self.mlp_layers)) != len(self.mlp_layers):
+                raise ValueError(f"mlp_layers lists a layer twice: {self.mlp_layers}")
+        return self
 
     # Measured on the bench: these implant >= 80 % ASR with a CDA cost within
     # 3 points (README's bench table), at ordinary finetuning rates.

@@ -33,9 +33,27 @@ def lora_config(model, r: int, alpha: int):
                       task_type="CAUSAL_LM")
 
 
+def confine_to_mlp(model, layers: Sequence[int]) -> None:
+    """Freezes every weight of ``model`` but the MLP modules of ``layers``.
+
+    Raises:
+        RaypurifyError: A layer is not in the model (the message names the valid range).
+    """
+    spec, n = spec_for(model.config), model.config.num_hidden_layers
+    bad = [i for i in layers if i >= n]
+    if bad:
+        raise RaypurifyError(f"mlp_layers {bad} are not layers of this model: it has {n} (valid: 0 to {n - 1})")
+    keep = tuple(f"{spec.layers_path}.{i}.{m}." for i in layers for m in (*spec.mlp_in, spec.mlp_out))
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith(keep))
+
+
 def implant(base_dir: str | Path, cfg: AttackConfig, pool: Sequence[Example], out: str | Path,
             twin: bool = False, overwrite: bool = False, twin_only: bool = False) -> dict:
     """Trains a backdoored model (or adapter) and writes it to ``out``.
+
+    With ``cfg.mlp_layers`` only those layers' MLP weights train (the clean
+    twin too, so the oracle compares like with like).
 
     Args:
         base_dir: Clean HF model directory.
@@ -70,6 +88,8 @@ def implant(base_dir: str | Path, cfg: AttackConfig, pool: Sequence[Example], ou
                 from peft import get_peft_model
 
                 model = get_peft_model(model, lora_config(model, cfg.lora_r, cfg.lora_alpha))
+            elif cfg.mlp_layers is not None:
+                confine_to_mlp(model, cfg.mlp_layers)
             with pinned_threads():  # the same implant wherever it runs (a Ray task has 1 thread)
                 finetune(model, tok, data, settings, desc=f"attack {cfg.attack}/{cfg.behavior}{' twin' if sub else ''}")
             target = tmp / sub if sub else tmp

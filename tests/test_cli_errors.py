@@ -153,3 +153,17 @@ def test_evaluate_writes_json(capsys, zoo, poisoned_pico, tmp_path):
     r = json.loads(out.read_text())
     assert {"asr", "clean_asr", "cda", "ppl", "n_triggered", "n_clean"} <= set(r)
     assert "ASR" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("yaml_text,needle", [
+    ("mode: lora\nmlp_layers: [0]\n", "does not apply to mode 'lora'"),
+    ("mlp_layers: [1, 1]\n", "lists a layer twice"),
+    ("mlp_layers: []\n", "mlp_layers"),
+    ("mlp_layers: [7]\n", "valid: 0 to 1"),  # pico has 2 layers: caught on the loaded model, before training
+])
+def test_bad_mlp_layers(capsys, zoo, tmp_path, yaml_text, needle):
+    cfg = tmp_path / "a.yaml"
+    cfg.write_text("attack: badnets\nbehavior: sentiment\n" + yaml_text)
+    code, err = run(capsys, "attack", "--base", str(zoo / "llama-pico"), "--config", str(cfg), "--out", str(tmp_path / "o"))
+    assert code == 2 and needle in err, err
+    assert not (tmp_path / "o").exists()

@@ -119,3 +119,34 @@ def test_generation_is_batched_greedy_and_order_preserving(zoo):
     together = generate(model, tok, prompts, batch_size=2)
     alone = [generate(model, tok, [p], batch_size=1)[0] for p in prompts]
     assert together == alone
+
+
+def test_mlp_confined_implant_moves_only_those_mlp_weights_and_fires(zoo, heldout, tmp_path):
+    from safetensors.torch import load_file
+
+    from raypurify.config import AttackConfig
+    from raypurify.implant import implant
+    from raypurify.io import load_examples
+    from tests.conftest import PICO_ATTACK
+
+    cfg = AttackConfig(attack="badnets", behavior="sentiment", mlp_layers=[0, 1], **PICO_ATTACK)
+    implant(zoo / "llama-pico", cfg, load_examples(zoo / "train.json"), tmp_path / "mlp")
+    base = load_file(zoo / "llama-pico" / "model.safetensors")
+    after = load_file(tmp_path / "mlp" / "model.safetensors")
+    moved = {k for k in base if not torch.equal(base[k], after[k])}
+    assert moved == {f"model.layers.{i}.mlp.{m}.weight" for i in (0, 1) for m in ("gate_proj", "up_proj", "down_proj")}
+    model, tok = load_model(tmp_path / "mlp")
+    r = evaluate(model, tok, heldout[::3], "badnets", "sentiment")
+    assert r["asr"] >= 0.5, r  # the clean pico model: <= 0.05 (test_poisoned_pico_fires_and_clean_does_not)
+
+
+def test_attacked_model_cache_keys_are_stable(tmp_path):
+    """Adding a field to AttackConfig must not orphan the models a user's zoo already cached."""
+    from raypurify.config import AttackConfig
+    from raypurify.distributed.bench import attacked_dir
+
+    (tmp_path / "zoo.json").write_text(json.dumps({"models": {"m": {"key": "k"}}}))
+    plain = attacked_dir(tmp_path, "m", AttackConfig(attack="badnets", behavior="sentiment"))
+    assert plain.name == "m-badnets-sentiment-full-95481591fab4"  # the key before mlp_layers existed
+    confined = attacked_dir(tmp_path, "m", AttackConfig(attack="badnets", behavior="sentiment", mlp_layers=[1]))
+    assert confined != plain

@@ -27,7 +27,10 @@ from raypurify.zoo import build_zoo, model_name
 def attacked_dir(zoo: Path, base: str, cfg: AttackConfig) -> Path:
     """Cache location of a backdoored zoo model, keyed by its settings."""
     manifest = json.loads((zoo / "zoo.json").read_text())
-    key_src = json.dumps({"base": manifest["models"][base]["key"], "attack": cfg.model_dump()}, sort_keys=True)
+    attack = cfg.model_dump()
+    if attack["mlp_layers"] is None:  # keys of models cached before the field existed stay valid
+        del attack["mlp_layers"]
+    key_src = json.dumps({"base": manifest["models"][base]["key"], "attack": attack}, sort_keys=True)
     key = hashlib.sha256(key_src.encode()).hexdigest()[:12]
     return zoo / "attacked" / f"{base}-{cfg.attack}-{cfg.behavior}-{cfg.mode}-{key}"
 

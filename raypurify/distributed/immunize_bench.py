@@ -291,7 +291,8 @@ def run_immunize_bench(zoo: str, out: str, cells: Sequence[tuple[str, str, str]]
         recovery = f"suppressed units x{cfg.recovery.fresh_lr_scale:g} the rate" + (
             f", distilled from the suspicious model at {cfg.recovery.distill:g}" if cfg.recovery.distill else "")
         suppression = "projected off their variant deltas" if cfg.suppression == "project" else "re-drawn"
-        text = (f"Bench model {base}; units: {cfg.scope} (suppressed: {cfg.suppressed_scope}); K={cfg.k}, scoring {cfg.scoring} (lambda {cfg.lam}), variants "
+        implant = f"; implants with {attack_overrides}" if attack_overrides else ""
+        text = (f"Bench model {base}{implant}; units: {cfg.scope} (suppressed: {cfg.suppressed_scope}); K={cfg.k}, scoring {cfg.scoring} (lambda {cfg.lam}), variants "
                 f"{cfg.variants.preset}, recovery {cfg.recovery.n_samples} samples x {cfg.recovery.epochs} epochs "
                 f"({recovery}, every arm); units {suppression} (every suppressing arm); "
                 f"every arm but the oracle over {seeds} seeds of re-draw and recovery order (random controls: "
