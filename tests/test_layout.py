@@ -42,3 +42,23 @@ def test_documented_immunize_config_is_the_default():
     from raypurify.config import ImmunizeConfig, build, load_yaml
 
     assert build(ImmunizeConfig, load_yaml(ROOT / "configs/immunize.yaml")) == ImmunizeConfig()
+
+
+def test_every_shipped_config_and_search_space_validates():
+    """A YAML the README tells users to run must not fail on its own schema."""
+    from raypurify.config import (AttackConfig, AttackSpace, CompareConfig, ImmunizeConfig, build, load_space,
+                                  load_yaml)
+
+    for path in sorted((ROOT / "tune_spaces").glob("*.yaml")):
+        if path.name == "attack.yaml":  # the attack-budget search (jobs/tune_attack.py), not a defense's
+            build(AttackSpace, load_yaml(path), source=str(path))
+        else:
+            load_space(path)
+    configs = sorted((ROOT / "configs").glob("*.yaml"))
+    assert len(configs) >= 3
+    for path in configs:
+        data = load_yaml(path)
+        if path.name.startswith("attack-"):  # overrides applied to every cell's implant
+            build(AttackConfig, {"attack": "badnets", "behavior": "sentiment", **data}, source=str(path))
+        else:
+            build(CompareConfig if path.name == "compare.yaml" else ImmunizeConfig, data, source=str(path))
