@@ -56,6 +56,7 @@ if __name__ == "__main__":
     p.add_argument("--smoke-test", action="store_true", help="pico model, 2 attacks, 4 tiny trials each")
     p.add_argument("--max-cda-drop", type=float, help="utility budget: CDA lost (overrides the space's)")
     p.add_argument("--max-ppl-ratio", type=float, help="utility budget: perplexity ratio (overrides the space's)")
+    p.add_argument("--repeats", type=int, help="runs per trial (overrides the space's; more for a noisy attack)")
     p.add_argument("--rechoose", help="comma-separated finished runs of --space: choose again, re-run nothing")
     a = p.parse_args()
     try:
@@ -66,6 +67,8 @@ if __name__ == "__main__":
             data = {**data, "asha": {**data.get("asha", {}), "enabled": False}}
         budget = {k: v for k, v in (("max_cda_drop", a.max_cda_drop), ("max_ppl_ratio", a.max_ppl_ratio)) if v is not None}
         data = {**data, "utility": {**data.get("utility", {}), **budget}}
+        if a.repeats is not None:
+            data = {**data, "repeats": a.repeats}
         space = build(ImmunizeSpace, data, source=f"search space {a.space}")
         from raypurify.distributed.tune_bench import rechoose_tune_bench, run_tune_bench
 
